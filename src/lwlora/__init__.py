@@ -1,0 +1,51 @@
+"""lwlora: layer-wise LoRA. Score every transformer block by how much it changes its input
+(importance = 1 − CKA(input, output)), adapt only the top blocks, and hand PEFT the config.
+
+Ogawa et al., "Layer-wise LoRA fine-tuning: a similarity metric approach", arXiv 2602.05988 (2026).
+
+Heavy dependencies (transformers, peft, datasets, matplotlib) are imported on first use, so
+``import lwlora`` is fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "linear_cka": "lwlora.similarity",
+    "debiased_linear_cka": "lwlora.similarity",
+    "mean_cosine": "lwlora.similarity",
+    "angular_distance": "lwlora.similarity",
+    "degeneracy": "lwlora.similarity",
+    "LayerScore": "lwlora.scoring",
+    "LayerScorer": "lwlora.scoring",
+    "get_scorer": "lwlora.scoring",
+    "BlockStack": "lwlora.blocks",
+    "find_block_stacks": "lwlora.blocks",
+    "resolve_block_stack": "lwlora.blocks",
+    "capture_block_representations": "lwlora.capture",
+    "SelectionPolicy": "lwlora.policy",
+    "paper_policy": "lwlora.policy",
+    "LayerSelection": "lwlora.selection",
+    "LayerRecord": "lwlora.selection",
+    "build_peft_config": "lwlora.peft_bridge",
+    "apply_selection": "lwlora.peft_bridge",
+    "verify": "lwlora.peft_bridge",
+    "AdapterPlacementError": "lwlora.peft_bridge",
+    "SelectConfig": "lwlora.select",
+    "select_layers": "lwlora.select",
+    "score_layers": "lwlora.select",
+    "ConfigError": "lwlora.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lwlora' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,208 @@
+"""Capture each transformer block's real input and output, pooled to one vector per sample.
+
+Forward hooks on the blocks themselves read what each block receives and returns — not
+``output_hidden_states``, whose last entry is taken after the final norm and so makes the last
+block look important. The forward pass stops right after the last needed block (no final norm,
+no LM head, no logits) by raising a private exception from that block's hook.
+
+Pooling per sample, with the attention mask (1 = real token) so that left and right padding both
+work:
+
+- ``cls``: the first real token (the paper's choice for encoders);
+- ``last``: the last real token (the paper's choice for decoders);
+- ``mean``: the mean over real tokens.
+
+Statistics are kept in float32 whatever the weights' dtype, gathered on the device of the input
+embeddings, so models spread over several devices (``device_map="auto"``) work unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lwlora.blocks import BlockStack
+
+Pooling = Literal["cls", "last", "mean"]
+POOLINGS: tuple[str, ...] = ("cls", "last", "mean")
+
+
+class _StopForward(Exception):
+    """Raised by the last needed block's hook to end the forward pass early."""
+
+
+def pool(hidden: Tensor, mask: Tensor | None, pooling: str) -> Tensor:
+    """Pool token states to one vector per sample.
+
+    Args:
+        hidden: (B, T, D) token states, any float dtype.
+        mask: (B, T) attention mask, nonzero for real tokens, or ``None`` (all tokens real).
+        pooling: ``cls`` | ``last`` | ``mean``.
+
+    Returns:
+        (B, D) float32 tensor on ``hidden``'s device.
+    """
+    if hidden.ndim != 3:
+        raise ValueError(f"expected block states of shape (batch, tokens, features), got {tuple(hidden.shape)}")
+    batch, tokens, _ = hidden.shape
+    hidden = hidden.float()
+    if mask is None:
+        real = torch.ones(batch, tokens, dtype=torch.bool, device=hidden.device)
+    else:
+        if mask.shape != (batch, tokens):
+            raise ValueError(
+                f"attention mask of shape {tuple(mask.shape)} does not match block states {tuple(hidden.shape)}; "
+                "this block does not see one token per input position"
+            )
+        real = mask.to(device=hidden.device).bool()
+    if not bool(real.any(dim=1).all()):
+        raise ValueError("a sample has no real (non-padding) token")
+    rows = torch.arange(batch, device=hidden.device)
+    if pooling == "cls":
+        first = real.int().argmax(dim=1)  # argmax returns the first maximal index
+        return hidden[rows, first]
+    if pooling == "last":
+        last = tokens - 1 - real.flip(dims=[1]).int().argmax(dim=1)
+        return hidden[rows, last]
+    if pooling == "mean":
+        weights = real.unsqueeze(-1).float()
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+    raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+
+
+def _block_input(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor:
+    if args and isinstance(args[0], Tensor):
+        return args[0]
+    if isinstance(kwargs.get("hidden_states"), Tensor):
+        return kwargs["hidden_states"]
+    for value in kwargs.values():
+        if isinstance(value, Tensor) and value.is_floating_point() and value.ndim == 3:
+            return value
+    raise RuntimeError("could not find the hidden states among the block's inputs")
+
+
+def _block_output(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    first = getattr(output, "last_hidden_state", None)
+    if isinstance(first, Tensor):
+        return first
+    raise RuntimeError(f"could not find the hidden states in the block's output ({type(output).__name__})")
+
+
+@dataclass
+class BlockRepresentations:
+    """Pooled block inputs and outputs: ``inputs[i]`` and ``outputs[i]`` are (n, d) float32
+    matrices for block ``blocks[i]``, rows in sample order."""
+
+    blocks: list[int]
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+
+    @property
+    def num_samples(self) -> int:
+        return self.inputs[0].shape[0] if self.inputs else 0
+
+
+def capture_block_representations(
+    model: nn.Module,
+    stack: BlockStack,
+    batches: Iterable[Mapping[str, Tensor]],
+    *,
+    pooling: str,
+    blocks: Sequence[int] | None = None,
+    mask_key: str = "attention_mask",
+    progress: bool = True,
+    total: int | None = None,
+) -> BlockRepresentations:
+    """Run ``model`` over ``batches`` and pool every selected block's input and output.
+
+    Args:
+        model: the model that owns ``stack``; called as ``model(**batch)`` in eval mode, under
+            ``torch.inference_mode``. Batches are moved to the device of the input embeddings.
+        stack: the block stack to read.
+        batches: model inputs, each with ``mask_key`` ((B, T), 1 for real tokens) when padded.
+        pooling: ``cls`` | ``last`` | ``mean``.
+        blocks: block indices to read (default: all). The forward pass stops after the last one.
+        progress: show a tqdm bar over batches.
+        total: number of batches, for the progress bar.
+
+    Returns:
+        :class:`BlockRepresentations` with (n, d) float32 matrices per block.
+    """
+    from tqdm.auto import tqdm
+
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    indices = sorted(set(range(stack.num_layers) if blocks is None else blocks))
+    if not indices or indices[0] < 0 or indices[-1] >= stack.num_layers:
+        raise ValueError(f"block indices must lie in [0, {stack.num_layers}), got {list(blocks or [])}")
+    last_needed = indices[-1]
+    inputs: dict[int, list[Tensor]] = {i: [] for i in indices}
+    outputs: dict[int, list[Tensor]] = {i: [] for i in indices}
+    current_mask: list[Tensor | None] = [None]
+
+    def pre_hook(index: int):
+        def hook(_module, args, kwargs):
+            inputs[index].append(pool(_block_input(args, kwargs), current_mask[0], pooling).to(device))
+        return hook
+
+    def post_hook(index: int):
+        def hook(_module, _args, _kwargs, output):
+            outputs[index].append(pool(_block_output(output), current_mask[0], pooling).to(device))
+            if index == last_needed:
+                raise _StopForward
+        return hook
+
+    # Pooled vectors are gathered on the input device: with device_map="auto" a block's input and
+    # output can sit on different GPUs (accelerate moves inputs inside the block's forward).
+    device = _input_device(model)
+    handles = []
+    for index in indices:
+        block = stack.blocks[index]
+        handles.append(block.register_forward_pre_hook(pre_hook(index), with_kwargs=True))
+        handles.append(block.register_forward_hook(post_hook(index), with_kwargs=True))
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches, total=total, desc="capturing block representations", unit="batch", disable=not progress):
+                batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+                current_mask[0] = batch.get(mask_key)
+                expected = len(outputs[last_needed]) + 1
+                try:
+                    model(**batch)
+                except _StopForward:
+                    pass
+                if len(outputs[last_needed]) != expected:
+                    raise RuntimeError(
+                        f"block {last_needed} of {stack.path} did not run during the forward pass; "
+                        "the inputs do not reach this stack (e.g. a vision tower without images)"
+                    )
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+    return BlockRepresentations(
+        blocks=indices,
+        inputs=[torch.cat(inputs[i]) for i in indices],
+        outputs=[torch.cat(outputs[i]) for i in indices],
+    )
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where inputs go: the input embeddings' device (the first parameter's device otherwise;
+    never ``meta``, which accelerate uses for offloaded weights)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None) if embeddings is not None else None
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))

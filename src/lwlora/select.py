@@ -1,0 +1,233 @@
+"""The selection pipeline behind ``lwlora select``: load → sample → capture → score → select.
+
+``select_layers(SelectConfig(...))`` returns a :class:`~lwlora.selection.LayerSelection`.
+``score_layers`` is the reusable middle: given a loaded model, a tokenizer and texts, it returns
+one :class:`~lwlora.scoring.LayerScore` per block.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lwlora.blocks import BlockStack, resolve_block_stack
+from lwlora.capture import POOLINGS, capture_block_representations
+from lwlora.data import TextSamples, load_text_samples
+from lwlora.errors import ConfigError
+from lwlora.policy import SelectionPolicy, paper_policy, select_blocks
+from lwlora.scoring import SCORERS, LayerScore, get_scorer
+from lwlora.selection import LayerRecord, LayerSelection
+
+logger = logging.getLogger("lwlora")
+
+PRESETS = ("paper",)
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Everything ``lwlora select`` takes; each field is the CLI flag of the same name."""
+
+    model: str
+    data: str
+    num_samples: int = 128
+    ratio: float | None = None
+    num_layers: int | None = None
+    layers: tuple[int, ...] | None = None
+    include: tuple[int, ...] = ()
+    exclude: tuple[int, ...] = ()
+    scorer: str = "cka"
+    pooling: Literal["cls", "last", "mean"] | None = None  # None: cls for encoders, last for decoders
+    batch_size: int = 8
+    max_length: int = 512
+    device: str = "auto"
+    dtype: str = "auto"
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    template: str | None = None
+    gguf_file: str | None = None
+    layers_path: str | None = None
+    tower: str = "language"
+    preset: Literal["paper"] | None = None
+    seed: int = 0
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        scorer = get_scorer(self.scorer)
+        if self.num_samples < scorer.min_samples:
+            raise ConfigError("--num-samples", f"the {self.scorer} scorer needs at least {scorer.min_samples} samples, got {self.num_samples}")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ConfigError("--pooling", f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size", f"must be at least 1, got {self.batch_size}")
+        if self.max_length < 1:
+            raise ConfigError("--max-length", f"must be at least 1, got {self.max_length}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError("--preset", f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.preset == "paper" and (self.layers is not None or self.include or self.exclude):
+            raise ConfigError("--preset", "paper fixes the exclusions itself; drop --layers/--include/--exclude")
+        self.policy_for("decoder")  # validates ratio / num_layers / include / exclude early
+
+    def policy_for(self, model_kind: str) -> SelectionPolicy:
+        if self.preset == "paper":
+            return paper_policy(model_kind, ratio=self.ratio, num_layers=self.num_layers)
+        return SelectionPolicy(
+            num_layers=self.num_layers,
+            ratio=self.ratio,
+            layers=self.layers,
+            include=self.include,
+            exclude=self.exclude,
+        )
+
+
+def default_pooling(model_kind: str, tower: str) -> str:
+    """The paper's pooling: first (CLS) token for encoders, last real token for decoders; vision
+    towers have no meaningful per-sample first token at the embedding output, so ``mean``."""
+    if tower == "vision":
+        return "mean"
+    return "cls" if model_kind == "encoder" else "last"
+
+
+def _forward_keys(model: nn.Module) -> set[str] | None:
+    parameters = inspect.signature(model.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return set(parameters)
+
+
+def make_batches(tokenizer: Any, samples: TextSamples, *, batch_size: int, max_length: int, model: nn.Module | None = None) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
+    """Tokenized, padded batches in length order (less padding), and the sample order used.
+
+    Returns:
+        (batches, order) where row j of the concatenated batches is sample ``order[j]``.
+    """
+    lengths = [len(ids) for ids in tokenizer(samples.texts, samples.text_pairs, truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(samples)), key=lambda i: (-lengths[i], i))
+    accepted = _forward_keys(model) if model is not None else None
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        texts = [samples.texts[i] for i in chunk]
+        pairs = [samples.text_pairs[i] for i in chunk] if samples.text_pairs is not None else None
+        encoded = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch = {k: v for k, v in encoded.items() if accepted is None or k in accepted}
+        batches.append(batch)
+    return batches, order
+
+
+def score_layers(
+    model: nn.Module,
+    tokenizer: Any,
+    samples: TextSamples,
+    stack: BlockStack,
+    *,
+    scorer: str = "cka",
+    pooling: str = "last",
+    batch_size: int = 8,
+    max_length: int = 512,
+    progress: bool = True,
+) -> list[LayerScore]:
+    """One score per block of ``stack``, from pooled block inputs/outputs on ``samples``."""
+    layer_scorer = get_scorer(scorer)
+    if len(samples) < layer_scorer.min_samples:
+        raise ConfigError("--num-samples", f"the {scorer} scorer needs at least {layer_scorer.min_samples} samples, the data gave {len(samples)}")
+    batches, order = make_batches(tokenizer, samples, batch_size=batch_size, max_length=max_length, model=model)
+    reps = capture_block_representations(model, stack, batches, pooling=pooling, progress=progress, total=len(batches))
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return [layer_scorer(x[inverse.to(x.device)], y[inverse.to(y.device)]) for x, y in zip(reps.inputs, reps.outputs)]
+
+
+def library_versions() -> dict[str, str]:
+    import lwlora
+
+    versions = {"lwlora": lwlora.__version__, "python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "peft"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return versions
+
+
+def select_layers(config: SelectConfig, *, model: nn.Module | None = None, tokenizer: Any = None, model_kind: str | None = None) -> LayerSelection:
+    """Run the whole selection. Pass ``model``/``tokenizer`` to reuse an already loaded model
+    (``config.model`` is then only the label recorded in the selection)."""
+    from lwlora.models import infer_model_kind, load_model, prepare_tokenizer
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    samples = load_text_samples(
+        config.data,
+        num_samples=config.num_samples,
+        seed=config.seed,
+        text_column=config.text_column,
+        text_pair_column=config.text_pair_column,
+        template=config.template,
+    )
+    timings["load_data_s"] = time.perf_counter() - start
+
+    gguf_file = config.gguf_file
+    if model is None:
+        tick = time.perf_counter()
+        loaded = load_model(config.model, gguf_file=config.gguf_file, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code)
+        model, tokenizer, model_kind, gguf_file = loaded.model, loaded.tokenizer, loaded.kind, loaded.gguf_file
+        timings["load_model_s"] = time.perf_counter() - tick
+    elif tokenizer is None:
+        raise ValueError("select_layers(model=...) also needs tokenizer=")
+    model_kind = model_kind or infer_model_kind(model.config)
+    tokenizer = prepare_tokenizer(tokenizer)
+
+    stack = resolve_block_stack(model, layers_path=config.layers_path, tower=config.tower)
+    policy = config.policy_for(model_kind)
+    policy.target_count(stack.num_layers)  # fail on k > L before the expensive part
+    pooling = config.pooling or default_pooling(model_kind, stack.tower)
+
+    tick = time.perf_counter()
+    scores = score_layers(model, tokenizer, samples, stack, scorer=config.scorer, pooling=pooling, batch_size=config.batch_size, max_length=config.max_length, progress=config.progress)
+    timings["score_s"] = time.perf_counter() - tick
+
+    scorer = SCORERS[config.scorer]
+    is_cka = scorer.similarity_name == "cka"
+    records = [
+        LayerRecord(index=i, cka=s.similarity if is_cka else None, similarity=s.similarity, importance=s.importance, degenerate=s.degenerate, reason=s.reason)
+        for i, s in enumerate(scores)
+    ]
+    selected, warnings = select_blocks([r.importance for r in records], policy)
+    for record in records:
+        if record.degenerate:
+            hint = " (try --pooling mean)" if pooling in ("cls", "last") else ""
+            warnings.insert(0, f"block {record.index} is degenerate and gets no score: {record.reason}{hint}")
+    for message in warnings:
+        logger.warning(message)
+    timings["total_s"] = time.perf_counter() - start
+    return LayerSelection(
+        model=config.model,
+        gguf_file=gguf_file,
+        model_kind=model_kind,
+        layers_path=stack.path,
+        tower=stack.tower,
+        num_layers=stack.num_layers,
+        block_linear_modules=stack.block_linear_modules(),
+        scorer=config.scorer,
+        similarity_name=scorer.similarity_name,
+        pooling=pooling,
+        num_samples=len(samples),
+        data=config.data,
+        data_fingerprint=samples.fingerprint,
+        policy=policy.to_json(),
+        layers=records,
+        selected=selected,
+        warnings=warnings,
+        versions=library_versions(),
+        timings={k: round(v, 4) for k, v in timings.items()},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )

@@ -1,0 +1,154 @@
+"""``LayerSelection``: the result of layer selection, and its versioned JSON form ``selection.json``.
+
+Schema (version 1)::
+
+    {
+      "schema_version": 1,
+      "model": "<hub id or path>", "gguf_file": null | "<file>", "model_kind": "encoder" | "decoder",
+      "layers_path": "encoder.layer", "tower": "language", "num_layers": 6,
+      "block_linear_modules": ["attention.self.query", ...],
+      "scorer": "cka", "similarity_name": "cka", "pooling": "cls",
+      "num_samples": 128, "data": "<data spec>", "data_fingerprint": "sha256:…",
+      "policy": {...},
+      "layers": [{"index": 0, "cka": null, "similarity": null, "importance": null,
+                  "degenerate": true, "reason": "..."}, ...],
+      "selected": [1, 3, 5], "one_hot": "010101",
+      "warnings": [...], "versions": {...}, "timings": {...}, "created": "<ISO 8601>"
+    }
+
+``cka`` holds the CKA value for the CKA scorers and ``null`` for the cosine scorers, whose raw
+value is in ``similarity``. ``one_hot`` is the reference scripts' string: character i is ``1`` when
+block i is selected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lwlora.io import atomic_write_json
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    index: int
+    cka: float | None
+    similarity: float | None
+    importance: float | None
+    degenerate: bool
+    reason: str | None = None
+
+
+@dataclass
+class LayerSelection:
+    """Which blocks of which model get adapters, and the evidence for it."""
+
+    model: str
+    layers_path: str
+    num_layers: int
+    layers: list[LayerRecord]
+    selected: list[int]
+    scorer: str = "cka"
+    similarity_name: str = "cka"
+    pooling: str = "cls"
+    num_samples: int = 0
+    data: str | None = None
+    data_fingerprint: str | None = None
+    model_kind: str = "decoder"
+    tower: str = "language"
+    gguf_file: str | None = None
+    block_linear_modules: list[str] = field(default_factory=list)
+    policy: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    created: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.layers) != self.num_layers:
+            raise ValueError(f"selection has {len(self.layers)} layer records for {self.num_layers} blocks")
+        self.selected = sorted(set(self.selected))
+        bad = [i for i in self.selected if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"selected blocks {bad} are outside 0..{self.num_layers - 1}")
+
+    @property
+    def one_hot(self) -> str:
+        chosen = set(self.selected)
+        return "".join("1" if i in chosen else "0" for i in range(self.num_layers))
+
+    @property
+    def importances(self) -> list[float | None]:
+        return [record.importance for record in self.layers]
+
+    @property
+    def degenerate_blocks(self) -> list[int]:
+        return [record.index for record in self.layers if record.degenerate]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": data["model"],
+            "gguf_file": data["gguf_file"],
+            "model_kind": data["model_kind"],
+            "layers_path": data["layers_path"],
+            "tower": data["tower"],
+            "num_layers": data["num_layers"],
+            "block_linear_modules": data["block_linear_modules"],
+            "scorer": data["scorer"],
+            "similarity_name": data["similarity_name"],
+            "pooling": data["pooling"],
+            "num_samples": data["num_samples"],
+            "data": data["data"],
+            "data_fingerprint": data["data_fingerprint"],
+            "policy": data["policy"],
+            "layers": data["layers"],
+            "selected": data["selected"],
+            "one_hot": self.one_hot,
+            "warnings": data["warnings"],
+            "versions": data["versions"],
+            "timings": data["timings"],
+            "created": data["created"],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "LayerSelection":
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"unsupported selection schema_version {version!r}; this lwlora reads version {SCHEMA_VERSION}")
+        fields = dict(data)
+        fields.pop("schema_version")
+        one_hot = fields.pop("one_hot", None)
+        fields["layers"] = [LayerRecord(**record) for record in fields["layers"]]
+        selection = cls(**fields)
+        if one_hot is not None and one_hot != selection.one_hot:
+            raise ValueError(f"selection.json is inconsistent: one_hot {one_hot!r} does not match selected {selection.selected}")
+        return selection
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``selection.json`` atomically; a directory path gets ``selection.json`` inside."""
+        path = Path(path)
+        if path.suffix != ".json":
+            path = path / "selection.json"
+        atomic_write_json(path, self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LayerSelection":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "selection.json"
+        return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+
+    def to_peft_config(self, method: str = "lora", r: int = 8, alpha: float | None = None, dropout: float = 0.0, target_modules: Any = "auto", **kwargs: Any):
+        """A PEFT ``LoraConfig`` that adapts exactly the selected blocks; see
+        :func:`lwlora.peft_bridge.build_peft_config` for the arguments."""
+        from lwlora.peft_bridge import build_peft_config
+
+        return build_peft_config(self, method=method, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, **kwargs)
