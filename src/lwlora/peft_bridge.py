@@ -133,6 +133,26 @@ def target_regex(stack_path: str, indices: Iterable[int], suffixes: Sequence[str
     return rf"{prefix}{re.escape(stack_path)}\.(?:{blocks})\.{inner}(?:{modules})"
 
 
+def outside_blocks_regex(stack_path: str, indices: Iterable[int], *, anchored: bool) -> str:
+    """A regex full-matching every module name that is *not* inside blocks ``indices`` of the stack."""
+    blocks = "|".join(str(i) for i in sorted(set(indices)))
+    prefix = "" if anchored else r"(?:.*\.)?"
+    return rf"(?!{prefix}{re.escape(stack_path)}\.(?:{blocks})\.).*"
+
+
+def _reject_olora_on_conv1d(stack: BlockStack, indices: Sequence[int], suffixes: Sequence[str], exact: bool) -> None:
+    """PEFT's OLoRA init ignores ``fan_in_fan_out``, so on GPT-2 style ``Conv1D`` it breaks the model."""
+    for i in indices:
+        for name, module in stack.blocks[i].named_modules():
+            targeted = name in suffixes if exact else any(_matches(s, name) for s in suffixes)
+            if targeted and type(module).__name__ == "Conv1D":
+                raise ConfigError(
+                    "--method",
+                    f"olora cannot adapt Conv1D layers such as {stack.path}.{i}.{name} (PEFT's OLoRA init ignores "
+                    "fan_in_fan_out and corrupts them); use lora, pissa, dora or rslora for this model",
+                )
+
+
 def build_peft_config(
     selection: "LayerSelection",
     *,
@@ -173,7 +193,19 @@ def build_peft_config(
         raise ConfigError("--selection", "selects no blocks")
     stack = locate_stack(model, selection) if model is not None else None
     suffixes, exact = resolve_target_suffixes(selection, target_modules, stack)
-    regex = target_regex(stack.path if stack else selection.layers_path, selection.selected, suffixes, exact=exact, anchored=stack is not None)
+    stack_path = stack.path if stack else selection.layers_path
+    regex = target_regex(stack_path, selection.selected, suffixes, exact=exact, anchored=stack is not None)
+    if method == "olora" and stack is not None:
+        _reject_olora_on_conv1d(stack, selection.selected, suffixes, exact)
+    # PEFT >= 0.18 rewrites a regex target_modules of some MoE models (Mixtral, ...) into bare
+    # module names for transformers 5's fused experts, dropping the block indices. An exclusion
+    # of everything outside the selected blocks survives that rewrite.
+    exclude = outside_blocks_regex(stack_path, selection.selected, anchored=stack is not None)
+    user_exclude = lora_kwargs.pop("exclude_modules", None)
+    if user_exclude:
+        if not isinstance(user_exclude, str):
+            user_exclude = r"(?:.*\.)?(?:" + "|".join(re.escape(m) for m in user_exclude) + ")"
+        exclude = f"(?:{user_exclude})|(?:{exclude})"
 
     options: dict[str, Any] = {}
     if method == "pissa":
@@ -190,6 +222,7 @@ def build_peft_config(
         lora_alpha=2 * r if alpha is None else alpha,
         lora_dropout=dropout,
         target_modules=regex,
+        exclude_modules=exclude,
         task_type=task_type,
         modules_to_save=list(modules_to_save) if modules_to_save else None,
         **options,
