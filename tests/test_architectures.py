@@ -42,26 +42,13 @@ MOE = cases(arch="mixtral")
 TIGHT = {"rtol": 1e-5, "atol": 1e-6}
 INIT = {"rtol": 1e-4, "atol": 1e-5}
 
-# ---------------------------------------------------------------------------------------------
-# Known bugs, as strict xfails (an XPASS fails the run: remove the entry once fixed).
-# ---------------------------------------------------------------------------------------------
-
-def _known_bug(test: str, name: str, method: str | None = None) -> tuple[str, type[BaseException]] | None:
-    """``(reason, exception the bug raises)`` for a known-bad case, else ``None``. Empty: the
-    Mixtral regex rewrite and OLoRA-on-Conv1D bugs that used to be listed here are handled in
-    lwlora.peft_bridge (tests below)."""
-    return None
-
-
 def _params(test: str, names, methods=None):
+    """Readable parametrisation ids: ``name`` or ``name-method``. ``test`` names the test family."""
     out = []
     for name in names:
         for method in methods or [None]:
             values = (name,) if method is None else (name, method)
-            bug = _known_bug(test, name, method)
-            marks = [pytest.mark.xfail(reason=bug[0], raises=bug[1], strict=True)] if bug else []
-            ident = name if method is None else f"{name}-{method}"
-            out.append(pytest.param(*values, marks=marks, id=ident))
+            out.append(pytest.param(*values, id=name if method is None else f"{name}-{method}"))
     return out
 
 

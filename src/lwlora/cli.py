@@ -76,12 +76,23 @@ def _add_select(subparsers) -> None:
     p.set_defaults(run=_run_select)
 
 
+def _disable_progress_bars() -> None:
+    """--no-progress: also silence the ecosystem's own bars (dataset building, weight loading)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _run_select(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lwlora.report import format_table, peft_snippet, write_artifacts
     from lwlora.select import SelectConfig, select_layers
 
+    if args.no_progress:
+        _disable_progress_bars()
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", f"{out} exists and is not a directory")

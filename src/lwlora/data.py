@@ -181,11 +181,13 @@ def resolve_columns(columns: list[str], text_column: str | None, text_pair_colum
         if missing:
             raise ConfigError("--template", f"refers to missing column(s) {missing}; the data has {columns}")
     elif text_column is None:
-        text_column = next((c for c in TEXT_COLUMNS if c in columns), None)
+        pair = next(((a, b) for a, b in PAIR_COLUMNS.items() if a in columns and b in columns), None)
+        if pair is not None and text_pair_column is None:
+            text_column, text_pair_column = pair
+        else:
+            text_column = next((c for c in TEXT_COLUMNS if c in columns), None)
         if text_column is None:
             raise ConfigError("--text-column", f"no text column found; the data has {columns}")
-        if text_pair_column is None and PAIR_COLUMNS.get(text_column) in columns:
-            text_pair_column = PAIR_COLUMNS[text_column]
     elif text_column not in columns:
         raise ConfigError("--text-column", f"column {text_column!r} not found; the data has {columns}")
     if text_pair_column is not None and text_pair_column not in columns:

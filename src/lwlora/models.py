@@ -21,6 +21,9 @@ from lwlora.errors import ConfigError
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     package: str
@@ -119,13 +122,16 @@ def load_model(
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         common["gguf_file"] = gguf_file
+    if gguf_file is None and Path(source).is_dir() and not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would silently build a tokenizer of special tokens only: every word [UNK].
+        raise ConfigError("MODEL", f"{source} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
     try:
         config = AutoConfig.from_pretrained(source, **common)
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
         model = AutoModel.from_pretrained(source, dtype=DTYPES[dtype], device_map=device_map, **common)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure here is an unloadable MODEL
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError("MODEL", f"cannot load {model_id!r}: {first}") from None
+        raise ConfigError("MODEL", f"cannot load {model_id!r}: {type(exc).__name__}: {first}") from None
     if device_map is None and target_device is not None:
         model.to(target_device)
     return LoadedModel(model=model, tokenizer=tokenizer, kind=infer_model_kind(config), source=model_id, gguf_file=gguf_file)

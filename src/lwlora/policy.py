@@ -149,8 +149,15 @@ def select_blocks(importances: Sequence[float | None], policy: SelectionPolicy) 
         raise ConfigError("--include", f"{len(policy.include)} included blocks exceed the {count} blocks to select")
     available = num_layers - len(set(policy.exclude))
     if count > available:
+        count_flag = "--num-layers" if policy.num_layers is not None else "--ratio"
+        if policy.preset is not None:
+            raise ConfigError(
+                count_flag,
+                f"asks for {count} of {num_layers} blocks, but --preset {policy.preset} excludes blocks "
+                f"{sorted(set(policy.exclude))}; at most {available} can be selected",
+            )
         raise ConfigError(
-            "--exclude" if policy.exclude else "--num-layers",
+            "--exclude" if policy.exclude else count_flag,
             f"cannot select {count} blocks when {len(set(policy.exclude))} of {num_layers} are excluded",
         )
     chosen = list(dict.fromkeys(policy.include))
