@@ -593,3 +593,10 @@ def test_verify_reports_tampered_placement(name):
     with pytest.raises(AdapterPlacementError, match="missing") as excinfo:
         verify(peft_model, make_selection(stack, [0, 1], info), None)
     assert "unexpected" not in str(excinfo.value)
+
+
+def test_comma_separated_targets_as_the_cli_passes_them():
+    model, info = build("llama-lm")
+    stack = resolve_block_stack(model)
+    peft_model = apply_selection(model, make_selection(stack, [2], info), r=2, target_modules="q_proj, v_proj")
+    assert adapters_by_block(adapted_module_names(peft_model), stack.path) == {2: {"self_attn.q_proj", "self_attn.v_proj"}}

@@ -39,13 +39,13 @@ def _expected_records():
 
 
 def test_jsonl(data_files):
-    assert load_records(str(data_files.jsonl)) == _expected_records()
+    assert list(load_records(str(data_files.jsonl))) == _expected_records()
 
 
 def test_json_array(tmp_path):
     path = tmp_path / "data.json"
     path.write_text(json.dumps(_expected_records()), encoding="utf-8")
-    assert load_records(str(path)) == _expected_records()
+    assert list(load_records(str(path))) == _expected_records()
 
 
 def test_csv(data_files):
@@ -74,11 +74,11 @@ def test_jsonl_gz(tmp_path):
     with gzip.open(path, "wt", encoding="utf-8") as handle:
         for record in _expected_records():
             handle.write(json.dumps(record) + "\n")
-    assert load_records(str(path)) == _expected_records()
+    assert list(load_records(str(path))) == _expected_records()
 
 
 def test_directory_defaults_to_train_split(data_files):
-    assert load_records(str(data_files.splits)) == _expected_records()
+    assert list(load_records(str(data_files.splits))) == _expected_records()
 
 
 def test_directory_named_split(data_files):

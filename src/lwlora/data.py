@@ -28,6 +28,9 @@ from typing import Any
 
 from lwlora.errors import ConfigError
 
+#: A ``datasets.Dataset`` or a list of dicts: both support ``len`` and ``records[i] -> dict``.
+Records = Any
+
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 TEXT_COLUMNS = ("text", "sentence", "prompt", "question", "instruction", "query", "content", "input", "premise", "sentence1", "question1")
@@ -100,7 +103,7 @@ def _builtin_path(name: str) -> tuple[Path, BuiltinData]:
     return Path(spec.origin).parent / entry.relative_path, entry
 
 
-def _read_local_file(path: Path) -> list[dict[str, Any]]:
+def _read_local_file(path: Path) -> Records:
     suffixes = path.suffixes
     compressed = suffixes[-1:] == [".gz"]
     ext = (suffixes[-2] if compressed and len(suffixes) > 1 else path.suffix).lower()
@@ -115,8 +118,7 @@ def _read_local_file(path: Path) -> list[dict[str, Any]]:
             return [json.loads(line) for line in lines if line.strip()]
         from datasets import load_dataset
 
-        dataset = load_dataset(LOCAL_FORMATS[ext], data_files=str(path), split="train")
-        return list(dataset)
+        return load_dataset(LOCAL_FORMATS[ext], data_files=str(path), split="train")
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
@@ -131,8 +133,10 @@ def _split_file(directory: Path, split: str) -> Path:
     return found[0]
 
 
-def load_records(spec: str) -> list[dict[str, Any]]:
-    """All records of a data spec (see module docstring), as a list of dicts."""
+def load_records(spec: str) -> Records:
+    """All records of a data spec (see module docstring): a ``datasets.Dataset`` (or a list of
+    dicts for gzip files); either way ``len(records)`` and ``records[i] -> dict`` work, and records
+    are only materialised when drawn."""
     if not spec:
         raise ConfigError("--data", "is empty; give a file, a directory, a Hub dataset name or builtin:NAME")
     if spec.startswith("builtin:"):
@@ -151,7 +155,7 @@ def load_records(spec: str) -> list[dict[str, Any]]:
     return _load_hub(spec)
 
 
-def _load_hub(spec: str) -> list[dict[str, Any]]:
+def _load_hub(spec: str) -> Records:
     parts = spec.split(":")
     if len(parts) > 3:
         raise ConfigError("--data", f"{spec!r} is not name[:config][:split]")
@@ -161,7 +165,7 @@ def _load_hub(spec: str) -> list[dict[str, Any]]:
     try:
         from datasets import load_dataset
 
-        return list(load_dataset(name, config, split=split))
+        return load_dataset(name, config, split=split)
     except Exception as exc:  # noqa: BLE001
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError("--data", f"could not load Hub dataset {spec!r} (not a local path either): {first}") from None
@@ -208,9 +212,9 @@ def load_text_samples(
     if num_samples < 1:
         raise ConfigError("--num-samples", f"must be at least 1, got {num_samples}")
     records = load_records(spec)
-    if not records:
+    if len(records) == 0:
         raise ConfigError("--data", f"{spec} holds no records")
-    columns = list(records[0].keys())
+    columns = list(records.column_names) if hasattr(records, "column_names") else list(records[0].keys())
     text_column, text_pair_column, template = resolve_columns(columns, text_column, text_pair_column, template)
     indices = list(range(len(records)))
     if num_samples < len(records):

@@ -261,6 +261,8 @@ def verify(peft_model: nn.Module, selection: "LayerSelection", target_modules: s
         else:
             per_block[index].add(rest)
 
+    if isinstance(target_modules, str) and target_modules != "auto":
+        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
     expected: dict[int, set[str]] = {}
     if target_modules is None:
         reference = next((per_block[i] for i in selection.selected if per_block[i]), set())
@@ -271,8 +273,7 @@ def verify(peft_model: nn.Module, selection: "LayerSelection", target_modules: s
             if isinstance(target_modules, str) and target_modules == "auto":
                 expected[i] = linear
             else:
-                targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-                expected[i] = {name for name in linear if any(_matches(t, name) for t in targets)}
+                expected[i] = {name for name in linear if any(_matches(t, name) for t in target_modules)}
 
     missing: list[str] = []
     extra_in_block: list[str] = []
