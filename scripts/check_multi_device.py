@@ -6,12 +6,19 @@ device_map="auto", and prints the largest CKA difference from the reference. Run
 root: ``python scripts/check_multi_device.py``. Seen on 2 × H200 (torch 2.11, transformers 5.17):
 fp32 2e-08, bf16 9e-05, fp16 1.5e-05.
 """
-import time, torch, sys, transformers, peft
+import sys
+
+import peft
+import torch
+import transformers
+
 sys.path.insert(0, "src")
-from transformers import AutoModel, LlamaConfig, BertConfig, AutoTokenizer
+from transformers import AutoModel, LlamaConfig
+
 from lwlora.blocks import resolve_block_stack
 from lwlora.capture import capture_block_representations
 from lwlora.scoring import get_scorer
+
 print("versions", torch.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name(0))
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
@@ -24,7 +31,8 @@ def run(model):
     return [get_scorer("cka")(x, y).similarity for x, y in zip(reps.inputs, reps.outputs)], [x.device for x in reps.inputs]
 cpu_scores, _ = run(ref)
 # spread over cuda:0 and cpu via accelerate's device_map
-import tempfile, os
+import tempfile
+
 d = tempfile.mkdtemp(); ref.save_pretrained(d)
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     dm = {"embed_tokens": 0, "rotary_emb": 0, "norm": (1 if torch.cuda.device_count() > 1 else "cpu"), **{f"layers.{i}": (0 if i < 4 else (1 if torch.cuda.device_count() > 1 else "cpu")) for i in range(8)}}

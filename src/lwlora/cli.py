@@ -132,6 +132,191 @@ def _run_select(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_HELP = {
+    "model": "Hub id, local directory, or builtin:minilm / builtin:smollm2",
+    "task": "task preset (see `lwlora train --help` epilog), e.g. glue/rte, classification, instruction, gsm-symbolic",
+    "out": "run directory RUN",
+    "data": "data override: file, directory of splits, Hub name[:config][:split]",
+    "selection": "use this selection.json (or a directory holding one) instead of --layers",
+    "layers": "cka (measure; the paper), all, random, first, last, or block indices like 0,3,5",
+    "ratio": "adapt floor(ratio x L) blocks (default 0.5)",
+    "num_layers": "adapt this many blocks",
+    "method": "lora, pissa, dora, rslora, olora, or full (full fine-tuning)",
+    "alpha": "LoRA alpha (default 2 r)",
+    "target_modules": "auto (every linear layer in the blocks) or comma-separated module names",
+    "warmup": "warmup: a fraction of the steps below 1, else a number of steps",
+    "eval_every": "evaluate every N steps (default: every epoch)",
+    "save_every": "checkpoint every N steps (default: every epoch)",
+    "gradient_checkpointing": "non-reentrant activation checkpointing (frozen lower blocks still skip backward)",
+    "packing": "pack instruction examples into --max-length blocks",
+    "resume": "continue the run in --out from its last checkpoint",
+    "overwrite": "replace the run in --out",
+    "merge": "also save base + adapter merged into RUN/merged",
+    "choice_mode": "multiple-choice evaluation: letter (generated) or loglik (most likely option letter)",
+    "num_samples": "selection samples for --layers cka (default 128)",
+    "preset": "selection preset for --layers cka: paper",
+}
+
+
+def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, positional: tuple[str, ...] = (), required: tuple[str, ...] = (), help_texts: dict[str, str] | None = None) -> None:
+    """One flag per dataclass field (``num_layers`` → ``--num-layers``), typed from the default
+    value; the field names are the YAML keys of ``lwlora run`` too."""
+    import dataclasses
+    import typing
+
+    help_texts = help_texts or {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        text = help_texts.get(f.name)
+        if f.name in positional:
+            parser.add_argument(f.name, metavar=f.name.upper(), help=text)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        kind = base[0]
+        if kind is bool:
+            if f.default is True:  # e.g. progress -> --no-progress
+                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=text)
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_true", help=text)
+            continue
+        if typing.get_origin(kind) is typing.Literal:
+            parser.add_argument(flag, dest=f.name, choices=list(typing.get_args(kind)), default=f.default, help=text)
+            continue
+        convert = kind if kind in (int, float, str) else str
+        default = None if f.name in required else f.default
+        parser.add_argument(flag, dest=f.name, type=convert, default=default, required=f.name in required, help=text)
+
+
+def _add_train(subparsers) -> None:
+    from lwlora.training.config import TrainConfig
+
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune with adapters on the selected blocks (transformers Trainer; works under accelerate launch / torchrun)",
+        description="Select (--layers cka) or take the blocks to adapt, train, evaluate, and write RUN (adapter, selection.json, "
+        "train_config.json, metrics.json, loss_curve.png, checkpoints/).",
+        epilog=_task_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_dataclass_arguments(p, TrainConfig, positional=("model",), required=("task", "out"), help_texts=TRAIN_HELP)
+    p.set_defaults(run=_run_train)
+
+
+def _task_epilog() -> str:
+    try:
+        from lwlora.tasks import TASKS
+    except ImportError:  # pragma: no cover - tasks package missing
+        return ""
+    return "tasks:\n" + "\n".join(f"  {name:<16} {text}" for name, text in TASKS.items())
+
+
+def _train_config_from_args(args: argparse.Namespace):
+    import dataclasses
+
+    from lwlora.training.config import TrainConfig
+
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def _print_result(result) -> None:
+    import json
+
+    metrics = result.metrics
+    params = metrics["params"]
+    print(f"adapted blocks {metrics['selected']} of {metrics['num_layers']} ({metrics['method']})")
+    print(f"trainable parameters {params['trainable']:,} of {params['total']:,} (adapter {params['adapter']:,}, head {params['head']:,})")
+    print(f"train loss {metrics['train']['train_loss']:.4f} in {metrics['train']['runtime_s']:.1f} s, {metrics['train']['global_step']} steps")
+    print("final evaluation: " + json.dumps(metrics["final"], indent=None))
+    print(f"wrote {result.run_dir}")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from lwlora.training.trainer import train
+
+    if not args.progress:
+        _disable_progress_bars()
+    _print_result(train(_train_config_from_args(args)))
+    return 0
+
+
+#: ``lwlora run`` with no --config: the embedded demo (real weights and data from pip, CPU, minutes).
+DEMO_CONFIG = "demo"
+
+
+def _add_run(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="select + train + evaluate from one YAML config (no --config: the embedded CPU demo)",
+        description="Every TrainConfig field (the flags of `lwlora train`, dashes or underscores) is a YAML key. "
+        "--config takes a file or the name of a shipped config (lwlora run --list).",
+    )
+    p.add_argument("--config", help="YAML file, or a shipped config name such as demo or paper/glue-rte-roberta-base-cka")
+    p.add_argument("--out", help="override the config's run directory")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--list", action="store_true", help="list the shipped configs")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_run_run)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from lwlora.configs import list_configs, load_config
+    from lwlora.training.config import TrainConfig
+    from lwlora.training.trainer import train
+
+    if args.list:
+        print("\n".join(list_configs()))
+        return 0
+    if args.no_progress:
+        _disable_progress_bars()
+    data, source = load_config(args.config or DEMO_CONFIG)
+    for key in ("out", "resume", "overwrite"):
+        value = getattr(args, key)
+        if value:
+            data[key] = value
+    if args.no_progress:
+        data["progress"] = False
+    _print_result(train(TrainConfig.from_dict(data, source=source)))
+    return 0
+
+
+def _add_eval(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a run directory (base + adapter) or a model on a task")
+    p.add_argument("target", metavar="RUN_OR_MODEL", help="a run directory written by lwlora train, or a model")
+    p.add_argument("--task", help="task (default: the run's)")
+    p.add_argument("--data", help="data override")
+    p.add_argument("--gguf-file", help="GGUF file inside MODEL")
+    p.add_argument("--max-eval-samples", type=int)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--choice-mode", choices=["letter", "loglik"], default="letter")
+    p.add_argument("--out", help="write the results as JSON here (default: RUN/eval.json for a run)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from lwlora.io import atomic_write_json
+    from lwlora.training.evaluate import evaluate
+
+    if args.no_progress:
+        _disable_progress_bars()
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size", f"must be at least 1, got {args.batch_size}")
+    results = evaluate(args.target, task=args.task, data=args.data, max_eval_samples=args.max_eval_samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, choice_mode=args.choice_mode, progress=not args.no_progress, gguf_file=args.gguf_file)
+    print(json.dumps(results, indent=2))
+    out = args.out or (str(Path(args.target) / "eval.json") if (Path(args.target) / "train_config.json").is_file() else None)
+    if out:
+        atomic_write_json(out, results)
+        print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     import lwlora
 
@@ -139,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lwlora {lwlora.__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_select(subparsers)
+    _add_train(subparsers)
+    _add_eval(subparsers)
+    _add_run(subparsers)
     return parser
 
 

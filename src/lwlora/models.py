@@ -132,9 +132,24 @@ def load_model(
     except Exception as exc:  # noqa: BLE001 - any failure here is an unloadable MODEL
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError("MODEL", f"cannot load {model_id!r}: {type(exc).__name__}: {first}") from None
+    if gguf_file is not None:
+        forget_gguf_quantization(model)
     if device_map is None and target_device is not None:
         model.to(target_device)
     return LoadedModel(model=model, tokenizer=tokenizer, kind=infer_model_kind(config), source=model_id, gguf_file=gguf_file)
+
+
+def forget_gguf_quantization(model: nn.Module) -> nn.Module:
+    """A GGUF checkpoint is dequantized to ordinary float weights on load, yet transformers keeps
+    it flagged as quantized (GGUF), which makes the Trainer refuse it and ``save_pretrained``
+    fail. The weights are plain tensors, so drop the flag."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if "is_quantized" in vars(model):
+        model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    return model
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:

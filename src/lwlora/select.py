@@ -158,21 +158,30 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def select_layers(config: SelectConfig, *, model: nn.Module | None = None, tokenizer: Any = None, model_kind: str | None = None) -> LayerSelection:
+def select_layers(
+    config: SelectConfig,
+    *,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    model_kind: str | None = None,
+    samples: TextSamples | None = None,
+) -> LayerSelection:
     """Run the whole selection. Pass ``model``/``tokenizer`` to reuse an already loaded model
-    (``config.model`` is then only the label recorded in the selection)."""
+    (``config.model`` is then only the label recorded in the selection), and ``samples`` to use
+    texts prepared elsewhere (e.g. a training task's inputs) instead of reading ``config.data``."""
     from lwlora.models import infer_model_kind, load_model, prepare_tokenizer
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    samples = load_text_samples(
-        config.data,
-        num_samples=config.num_samples,
-        seed=config.seed,
-        text_column=config.text_column,
-        text_pair_column=config.text_pair_column,
-        template=config.template,
-    )
+    if samples is None:
+        samples = load_text_samples(
+            config.data,
+            num_samples=config.num_samples,
+            seed=config.seed,
+            text_column=config.text_column,
+            text_pair_column=config.text_pair_column,
+            template=config.template,
+        )
     timings["load_data_s"] = time.perf_counter() - start
 
     gguf_file = config.gguf_file
@@ -221,7 +230,7 @@ def select_layers(config: SelectConfig, *, model: nn.Module | None = None, token
         similarity_name=scorer.similarity_name,
         pooling=pooling,
         num_samples=len(samples),
-        data=config.data,
+        data=config.data if config.data else samples.source,
         data_fingerprint=samples.fingerprint,
         policy=policy.to_json(),
         layers=records,

@@ -1,0 +1,1 @@
+"""Fine-tuning with adapters on the selected blocks (``lwlora train``)."""

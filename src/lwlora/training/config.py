@@ -1,0 +1,156 @@
+"""``TrainConfig``: everything ``lwlora train`` takes. Each field is the CLI flag of the same name
+(``num_layers`` → ``--num-layers``); ``lwlora run`` reads the same fields from YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lwlora.errors import ConfigError
+
+TRAIN_METHODS = ("lora", "pissa", "dora", "rslora", "olora", "full")
+LAYER_CHOICES = ("cka", "all", "random", "first", "last")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+
+#: Fields that define *what* a run trains; resuming a run directory with other values is refused.
+IDENTITY_FIELDS = ("model", "gguf_file", "task", "data", "selection", "layers", "ratio", "num_layers", "method", "r", "alpha", "target_modules", "max_length", "seed")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    task: str
+    out: str
+    data: str | None = None
+    # which blocks get adapters
+    selection: str | None = None  # a selection.json (or the directory holding it)
+    layers: str = "cka"  # cka | all | random | first | last | 0,3,5
+    ratio: float | None = None
+    num_layers: int | None = None
+    # adapters
+    method: Literal["lora", "pissa", "dora", "rslora", "olora", "full"] = "lora"
+    r: int = 8
+    alpha: float | None = None  # default 2 r
+    dropout: float = 0.05
+    target_modules: str = "auto"  # auto or comma-separated module names
+    # optimisation
+    epochs: float = 3.0
+    max_steps: int | None = None
+    lr: float = 2e-4
+    batch_size: int = 16
+    eval_batch_size: int | None = None
+    grad_accum: int = 1
+    max_length: int = 512
+    warmup: float = 0.0  # < 1: fraction of the steps; >= 1: number of steps
+    weight_decay: float = 0.0
+    scheduler: str = "linear"
+    seed: int = 42
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    eval_every: int | None = None  # steps; None = every epoch
+    save_every: int | None = None  # steps; None = every epoch
+    logging_steps: int = 10
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    packing: bool = False
+    # data columns
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    # selection options (used when layers == "cka")
+    scorer: str = "cka"
+    pooling: str | None = None
+    num_samples: int = 128
+    select_batch_size: int = 8
+    preset: str | None = None
+    layers_path: str | None = None
+    # model loading
+    gguf_file: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    # generation eval (causal tasks)
+    max_new_tokens: int = 256
+    choice_mode: Literal["letter", "loglik"] = "letter"
+    # run directory
+    resume: bool = False
+    overwrite: bool = False
+    merge: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in TRAIN_METHODS:
+            raise ConfigError("--method", f"unknown method {self.method!r}; choose one of {', '.join(TRAIN_METHODS)}")
+        if self.layers not in LAYER_CHOICES and not _is_index_list(self.layers):
+            raise ConfigError("--layers", f"must be one of {', '.join(LAYER_CHOICES)} or block indices like 0,3,5, got {self.layers!r}")
+        if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
+            raise ConfigError("--ratio", f"must be in (0, 1], got {self.ratio}")
+        if self.ratio is not None and self.num_layers is not None:
+            raise ConfigError("--num-layers", "give only one of --ratio and --num-layers")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise ConfigError("--num-layers", f"must be at least 1, got {self.num_layers}")
+        for flag, value in (("--r", self.r), ("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum), ("--max-length", self.max_length), ("--logging-steps", self.logging_steps), ("--max-new-tokens", self.max_new_tokens)):
+            if value < 1:
+                raise ConfigError(flag, f"must be at least 1, got {value}")
+        for flag, value in (("--eval-every", self.eval_every), ("--save-every", self.save_every), ("--max-steps", self.max_steps), ("--max-train-samples", self.max_train_samples), ("--max-eval-samples", self.max_eval_samples), ("--eval-batch-size", self.eval_batch_size)):
+            if value is not None and value < 1:
+                raise ConfigError(flag, f"must be at least 1, got {value}")
+        if not self.epochs > 0 or not math.isfinite(self.epochs):
+            raise ConfigError("--epochs", f"must be positive, got {self.epochs}")
+        if not self.lr > 0:
+            raise ConfigError("--lr", f"must be positive, got {self.lr}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("--dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.warmup < 0:
+            raise ConfigError("--warmup", f"must be >= 0 (a fraction below 1, or steps), got {self.warmup}")
+        if self.weight_decay < 0:
+            raise ConfigError("--weight-decay", f"must be >= 0, got {self.weight_decay}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError("--scheduler", f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if self.choice_mode not in ("letter", "loglik"):
+            raise ConfigError("--choice-mode", f"must be 'letter' or 'loglik', got {self.choice_mode!r}")
+        if self.bf16 and self.fp16:
+            raise ConfigError("--fp16", "give only one of --bf16 and --fp16")
+        if self.resume and self.overwrite:
+            raise ConfigError("--overwrite", "give only one of --resume and --overwrite")
+        if self.selection is not None and self.layers not in ("cka",):
+            raise ConfigError("--selection", "give either --selection or --layers, not both")
+        if self.method == "full" and self.selection is not None:
+            raise ConfigError("--method", "full fine-tuning trains every block; drop --selection")
+
+    @property
+    def layer_indices(self) -> tuple[int, ...] | None:
+        return tuple(int(part) for part in self.layers.split(",")) if _is_index_list(self.layers) else None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        """Build from a mapping (YAML/JSON); keys may use dashes or underscores; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(normalised) - names)
+        if unknown:
+            raise ConfigError("--config", f"{source}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(names))}")
+        missing = [name for name in ("model", "task", "out") if normalised.get(name) in (None, "")]
+        if missing:
+            raise ConfigError("--config", f"{source}: missing required key(s) {missing}")
+        if "layers" in normalised and not isinstance(normalised["layers"], str):
+            value = normalised["layers"]
+            normalised["layers"] = ",".join(str(i) for i in value) if isinstance(value, (list, tuple)) else str(value)
+        if isinstance(normalised.get("target_modules"), (list, tuple)):
+            normalised["target_modules"] = ",".join(normalised["target_modules"])
+        return cls(**normalised)
+
+    def identity(self) -> dict[str, Any]:
+        data = self.to_json()
+        return {name: data[name] for name in IDENTITY_FIELDS}
+
+
+def _is_index_list(text: str) -> bool:
+    parts = [p.strip() for p in str(text).split(",")]
+    return bool(parts) and all(p.isdigit() for p in parts)

@@ -1,0 +1,103 @@
+"""``lwlora eval``: evaluate a finished run (base model + its adapter) or a bare model on a task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lwlora.errors import ConfigError
+
+
+def evaluate_classification(model: nn.Module, task: Any, *, batch_size: int = 32, progress: bool = True) -> dict[str, dict[str, float]]:
+    """Metrics of a sequence classification/regression model on every eval split of ``task``."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from lwlora.evaluation.metrics import compute_metrics
+
+    device = next(p.device for p in model.parameters())
+    results: dict[str, dict[str, float]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for name, dataset in task.eval.items():
+            predictions: list[Any] = []
+            references: list[Any] = []
+            loader = DataLoader(dataset, batch_size=batch_size, collate_fn=task.data_collator)
+            for batch in tqdm(loader, desc=f"evaluating {name}", unit="batch", disable=not progress):
+                labels = batch.pop("labels")
+                with torch.inference_mode():
+                    logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy()
+                predictions += (np.squeeze(logits, axis=-1) if task.kind == "regression" else np.argmax(logits, axis=-1)).tolist()
+                references += labels.tolist()
+            results[name] = {**compute_metrics(task.metric_names, predictions, references), "n": len(references)}
+    finally:
+        model.train(was_training)
+    return results
+
+
+def evaluate_task(model: nn.Module, tokenizer: Any, task: Any, *, batch_size: int = 8, max_new_tokens: int = 256, choice_mode: str = "letter", progress: bool = True) -> dict[str, Any]:
+    """All evaluations a task defines: classification metrics, or generation-based metrics."""
+    if task.kind != "causal_lm":
+        return evaluate_classification(model, task, batch_size=batch_size, progress=progress)
+    from lwlora.evaluation.generation import evaluate_examples
+
+    if not task.eval_examples:
+        raise ConfigError("--task", f"{task.name} defines no generation evaluation set")
+    return {
+        name: evaluate_examples(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, choice_mode=choice_mode, progress=progress)["metrics"]
+        for name, examples in task.eval_examples.items()
+    }
+
+
+def load_run(run: Path):
+    """The ``TrainConfig`` a run directory was trained with."""
+    from lwlora.training.config import TrainConfig
+    from lwlora.training.run_dir import CONFIG_FILE
+
+    config_path = run / CONFIG_FILE
+    if not config_path.is_file():
+        raise ConfigError("RUN", f"{run} is not a run directory ({CONFIG_FILE} missing)")
+    config = TrainConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")), source=str(config_path))
+    return config
+
+
+def evaluate(target: str, *, task: str | None = None, data: str | None = None, max_eval_samples: int | None = None, batch_size: int = 8, max_new_tokens: int | None = None, choice_mode: str = "letter", progress: bool = True, gguf_file: str | None = None) -> dict[str, Any]:
+    """Evaluate ``target``: a run directory (its base model + adapter, its task unless ``task``)
+    or a model (``task`` required)."""
+    from peft import PeftModel
+
+    from lwlora.tasks import load_task
+    from lwlora.training.config import TrainConfig
+    from lwlora.training.trainer import load_tokenizer, load_training_model
+
+    path = Path(target)
+    run = path if (path / "train_config.json").is_file() else None
+    if run is not None:
+        config = load_run(run)
+        overrides = {"task": task or config.task, "data": data if data is not None else config.data, "resume": False, "overwrite": False}
+        if max_eval_samples is not None:
+            overrides["max_eval_samples"] = max_eval_samples
+        config = TrainConfig(**{**config.to_json(), **overrides})
+    else:
+        if task is None:
+            raise ConfigError("--task", "is required when evaluating a model rather than a run directory")
+        config = TrainConfig(model=target, task=task, out="-", data=data, max_eval_samples=max_eval_samples, gguf_file=gguf_file)
+    tokenizer, source, resolved_gguf = load_tokenizer(config)
+    prepared = load_task(config.task, tokenizer, data=config.data, text_column=config.text_column, text_pair_column=config.text_pair_column, label_column=config.label_column, max_length=config.max_length, max_train_samples=1, max_eval_samples=config.max_eval_samples, selection_samples=1, seed=config.seed)
+    if run is not None and config.method == "full":
+        source, resolved_gguf = str(run / "model"), None
+    model = load_training_model(config, source, resolved_gguf, prepared, tokenizer)
+    if run is not None and config.method != "full":
+        adapter = run / "adapter"
+        if not adapter.is_dir():
+            raise ConfigError("RUN", f"{run} has no adapter/ (did training finish?)")
+        model = PeftModel.from_pretrained(model, str(adapter))
+    if torch.cuda.is_available():
+        model.to("cuda")
+    return evaluate_task(model, tokenizer, prepared, batch_size=batch_size, max_new_tokens=max_new_tokens or config.max_new_tokens, choice_mode=choice_mode, progress=progress)

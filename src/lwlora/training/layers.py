@@ -1,0 +1,101 @@
+"""Which blocks a training run adapts (``lwlora train --layers``), as a ``LayerSelection``.
+
+- ``cka``: measured, by ``lwlora.select`` on the task's own training inputs (the paper's method);
+- ``all``: every block (all-layer LoRA, the paper's main baseline);
+- ``random``: k blocks drawn with ``--seed``; ``first`` / ``last``: the k lowest / highest blocks;
+- ``0,3,5``: exactly those blocks; ``--selection FILE``: a saved ``selection.json``.
+
+k is floor(ratio × L) with ``--ratio`` (default 0.5) or ``--num-layers``.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timezone
+from typing import Any
+
+from torch import nn
+
+from lwlora.blocks import BlockStack
+from lwlora.data import TextSamples
+from lwlora.errors import ConfigError
+from lwlora.policy import SelectionPolicy, select_blocks
+from lwlora.selection import LayerRecord, LayerSelection
+
+
+def unscored_selection(config: Any, stack: BlockStack, model_kind: str, selected: list[int], rule: str) -> LayerSelection:
+    """A ``LayerSelection`` made by a rule rather than by scores (every importance ``None``)."""
+    from lwlora.select import library_versions
+
+    return LayerSelection(
+        model=config.model,
+        gguf_file=config.gguf_file,
+        model_kind=model_kind,
+        layers_path=stack.path,
+        tower=stack.tower,
+        num_layers=stack.num_layers,
+        block_linear_modules=stack.block_linear_modules(),
+        scorer=rule,
+        similarity_name="none",
+        pooling="none",
+        layers=[LayerRecord(index=i, cka=None, similarity=None, importance=None, degenerate=False) for i in range(stack.num_layers)],
+        selected=selected,
+        policy={"rule": rule, "ratio": config.ratio, "num_layers": config.num_layers, "seed": config.seed},
+        versions=library_versions(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def choose_layers(
+    config: Any,
+    model: nn.Module,
+    tokenizer: Any,
+    stack: BlockStack,
+    model_kind: str,
+    samples: TextSamples,
+) -> LayerSelection:
+    """Resolve ``config.selection`` / ``config.layers`` (see the module docstring) on ``stack``."""
+    num_layers = stack.num_layers
+    if config.selection is not None:
+        try:
+            selection = LayerSelection.load(config.selection)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError("--selection", f"cannot read {config.selection}: {exc}") from None
+        if selection.num_layers != num_layers:
+            raise ConfigError("--selection", f"{config.selection} is for {selection.num_layers} blocks; this model has {num_layers}")
+        return selection
+    if config.layers == "cka":
+        from lwlora.select import SelectConfig, select_layers
+
+        select_config = SelectConfig(
+            model=config.model,
+            data=config.data or config.task,
+            num_samples=config.num_samples,
+            ratio=config.ratio,
+            num_layers=config.num_layers,
+            scorer=config.scorer,
+            pooling=config.pooling,
+            batch_size=config.select_batch_size,
+            max_length=config.max_length,
+            gguf_file=config.gguf_file,
+            layers_path=config.layers_path,
+            preset=config.preset,
+            seed=config.seed,
+            progress=config.progress,
+        )
+        return select_layers(select_config, model=model, tokenizer=tokenizer, model_kind=model_kind, samples=samples)
+    if config.layer_indices is not None:
+        selected, _ = select_blocks([None] * num_layers, SelectionPolicy(layers=config.layer_indices))
+        return unscored_selection(config, stack, model_kind, selected, "explicit")
+    count = SelectionPolicy(ratio=config.ratio, num_layers=config.num_layers).target_count(num_layers)
+    if config.layers == "all":
+        selected = list(range(num_layers))
+    elif config.layers == "first":
+        selected = list(range(count))
+    elif config.layers == "last":
+        selected = list(range(num_layers - count, num_layers))
+    elif config.layers == "random":
+        selected = sorted(random.Random(config.seed).sample(range(num_layers), count))
+    else:  # validated by TrainConfig
+        raise ConfigError("--layers", f"unknown layer rule {config.layers!r}")
+    return unscored_selection(config, stack, model_kind, selected, config.layers)

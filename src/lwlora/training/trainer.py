@@ -1,0 +1,322 @@
+"""``lwlora train``: fine-tune with adapters on the selected blocks, through transformers' Trainer.
+
+The Trainer (not a hand-rolled loop) is what makes ``accelerate launch`` / ``torchrun`` run the
+same command data-parallel (DDP) or with FSDP on several GPUs.
+
+Frozen lower blocks cost no backward pass: autograd stops at the lowest block with a trainable
+parameter, because nothing below it requires grad. Gradient checkpointing would normally break
+that — transformers then makes the embedding output require grad ("enable_input_require_grads"),
+so backward runs through every block — and the reentrant variant even silently zeroes adapter
+gradients without it. lwlora uses the non-reentrant variant, which needs neither, and switches
+the input-grad hook off again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lwlora.errors import ConfigError
+from lwlora.io import atomic_write_json
+from lwlora.training.config import TrainConfig
+from lwlora.training.run_dir import (
+    last_checkpoint,
+    prepare_run_dir,
+    save_directory_atomically,
+    write_config,
+)
+
+logger = logging.getLogger("lwlora")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    selection: Any
+    model: nn.Module
+    tokenizer: Any
+    task: Any
+
+
+def load_tokenizer(config: TrainConfig):
+    from transformers import AutoTokenizer
+
+    from lwlora.models import prepare_tokenizer, resolve_model_source
+
+    source, gguf_file = resolve_model_source(config.model, config.gguf_file)
+    kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError("MODEL", f"cannot load a tokenizer from {config.model!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return prepare_tokenizer(tokenizer), source, gguf_file
+
+
+def load_training_model(config: TrainConfig, source: str, gguf_file: str | None, task: Any, tokenizer: Any) -> nn.Module:
+    """The model with the head the task needs: sequence classification/regression or causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from lwlora.models import DTYPES, forget_gguf_quantization
+
+    if config.dtype not in DTYPES:
+        raise ConfigError("--dtype", f"unknown dtype {config.dtype!r}; choose one of auto, float32, bfloat16, float16")
+    kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code, "dtype": DTYPES[config.dtype]}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        if task.kind == "causal_lm":
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        else:
+            extra: dict[str, Any] = {"num_labels": task.num_labels}
+            if task.kind == "regression":
+                extra["problem_type"] = "regression"
+            elif task.label_names:
+                extra["id2label"] = dict(enumerate(task.label_names))
+                extra["label2id"] = {name: i for i, name in enumerate(task.label_names)}
+            model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs, **extra)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError("MODEL", f"cannot load {config.model!r} for {task.kind}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if gguf_file:
+        forget_gguf_quantization(model)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameter counts. ``total`` is the base model (adapter weights and PEFT's trainable copies
+    of saved modules excluded); ``adapter`` the LoRA weights; ``head`` the fully trained extra
+    modules (``modules_to_save``, e.g. the classification head)."""
+    total = adapter = head = trainable = 0
+    for name, param in model.named_parameters():
+        count = param.numel()
+        is_adapter = "lora_" in name or "lora_magnitude" in name
+        is_head_copy = ".modules_to_save." in name
+        if not (is_adapter or is_head_copy):
+            total += count
+        if param.requires_grad:
+            trainable += count
+            if is_adapter:
+                adapter += count
+            elif is_head_copy:
+                head += count
+    return {"total": total, "trainable": trainable, "adapter": adapter, "head": head}
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing, without forcing grads through the frozen blocks below."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError("--gradient-checkpointing", f"{type(base).__name__} does not support gradient checkpointing")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(base, "disable_input_require_grads") and getattr(base, "_require_grads_hook", None) is not None:
+        base.disable_input_require_grads()
+
+
+def _training_arguments(config: TrainConfig, run: Path, has_eval: bool):
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    strategy = "steps" if config.eval_every else "epoch"
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(run / "checkpoints"),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps if config.max_steps else -1,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=config.scheduler,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        eval_strategy=strategy if has_eval else "no",
+        save_strategy="steps" if config.save_every else "epoch",
+        save_total_limit=1,
+        report_to=[],
+        disable_tqdm=not config.progress,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+    )
+    if config.eval_every:
+        kwargs["eval_steps"] = config.eval_every
+    if config.save_every:
+        kwargs["save_steps"] = config.save_every
+    if config.warmup >= 1:
+        kwargs["warmup_steps"] = int(config.warmup)
+    elif "warmup_ratio" in fields:  # transformers 4.x
+        kwargs["warmup_ratio"] = config.warmup
+    else:  # transformers 5: a float in [0, 1) is a ratio
+        kwargs["warmup_steps"] = config.warmup
+    if config.device == "cpu" or not torch.cuda.is_available():
+        kwargs["use_cpu"] = True
+    return TrainingArguments(**{k: v for k, v in kwargs.items() if k in fields})
+
+
+def _metrics_function(task: Any):
+    from lwlora.evaluation.metrics import compute_metrics
+
+    def compute(eval_prediction) -> dict[str, float]:
+        logits = eval_prediction.predictions[0] if isinstance(eval_prediction.predictions, tuple) else eval_prediction.predictions
+        labels = eval_prediction.label_ids
+        predictions = np.squeeze(logits, axis=-1) if task.kind == "regression" else np.argmax(logits, axis=-1)
+        return compute_metrics(task.metric_names, predictions.tolist(), labels.tolist())
+
+    return compute
+
+
+def _peak_memory() -> dict[str, Any]:
+    if torch.cuda.is_available():
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "peak_memory_kind": "cuda_allocated"}
+    return {"peak_memory_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak_memory_kind": "host_max_rss"}
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Select (if asked), train, evaluate and write RUN; see ``lwlora.training.run_dir``."""
+    from peft import PeftModel
+    from transformers import Trainer, set_seed
+
+    from lwlora.blocks import resolve_block_stack
+    from lwlora.models import infer_model_kind
+    from lwlora.peft_bridge import apply_selection
+    from lwlora.selection import LayerSelection
+    from lwlora.tasks import load_task
+    from lwlora.training.layers import choose_layers, unscored_selection
+    from lwlora.training.report import plot_loss_curve, summarise_history
+
+    run = prepare_run_dir(config.out, config.identity(), resume=config.resume, overwrite=config.overwrite)
+    set_seed(config.seed)
+    tokenizer, source, gguf_file = load_tokenizer(config)
+    task = load_task(
+        config.task,
+        tokenizer,
+        data=config.data,
+        text_column=config.text_column,
+        text_pair_column=config.text_pair_column,
+        label_column=config.label_column,
+        max_length=config.max_length,
+        max_train_samples=config.max_train_samples,
+        max_eval_samples=config.max_eval_samples,
+        selection_samples=config.num_samples,
+        seed=config.seed,
+        packing=config.packing,
+    )
+    if len(task.train) == 0:
+        raise ConfigError("--data", f"task {config.task} has an empty training split")
+    model = load_training_model(config, source, gguf_file, task, tokenizer)
+    model_kind = infer_model_kind(model.config)
+    stack = resolve_block_stack(model, layers_path=config.layers_path)
+
+    selection_path = run / "selection.json"
+    if config.resume and selection_path.is_file():
+        selection = LayerSelection.load(selection_path)
+    elif config.method == "full":
+        selection = unscored_selection(config, stack, model_kind, list(range(stack.num_layers)), "all")
+    else:
+        selection = choose_layers(config, model, tokenizer, stack, model_kind, task.selection_texts)
+
+    if config.method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+    else:
+        task_type = "CAUSAL_LM" if task.kind == "causal_lm" else "SEQ_CLS"
+        model = apply_selection(model, selection, method=config.method, r=config.r, alpha=config.alpha, dropout=config.dropout, target_modules=config.target_modules, task_type=task_type)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    params = count_parameters(model)
+    # Every input is validated by now: only from here on does RUN get files.
+    write_config(run, config.to_json())
+    selection.save(selection_path)
+
+    eval_sets = dict(task.eval)
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(config, run, has_eval=bool(eval_sets)),
+        train_dataset=task.train,
+        eval_dataset=eval_sets or None,
+        data_collator=task.data_collator,
+        compute_metrics=_metrics_function(task) if task.kind != "causal_lm" else None,
+    )
+    checkpoint = last_checkpoint(run) if config.resume else None
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - started
+
+    final: dict[str, Any] = {}
+    if eval_sets:
+        for name, dataset in eval_sets.items():
+            final[name] = {k.removeprefix("eval_"): v for k, v in trainer.evaluate(dataset, metric_key_prefix="eval").items()}
+    if task.kind == "causal_lm" and task.eval_examples:
+        from lwlora.training.evaluate import evaluate_task
+
+        final.update(evaluate_task(trainer.model, tokenizer, task, batch_size=config.eval_batch_size or config.batch_size, max_new_tokens=config.max_new_tokens, choice_mode=config.choice_mode, progress=config.progress))
+
+    if isinstance(model, PeftModel):
+        save_directory_atomically(run, "adapter", lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    else:
+        save_directory_atomically(run, "model", lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    if config.merge and isinstance(model, PeftModel):
+        merged = model.merge_and_unload()
+        save_directory_atomically(run, "merged", lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+
+    history = trainer.state.log_history
+    tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+    metrics = {
+        "task": config.task,
+        "model": config.model,
+        "method": config.method,
+        "layers": config.layers if config.selection is None else f"selection:{config.selection}",
+        "selected": selection.selected,
+        "num_layers": selection.num_layers,
+        "lowest_adapted_block": min(selection.selected) if selection.selected else None,
+        "params": params,
+        "train": {
+            "runtime_s": round(train_seconds, 3),
+            "global_step": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "train_loss": output.training_loss,
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / train_seconds, 2) if train_seconds > 0 and tokens else None,
+            "resumed_from": checkpoint,
+            **_peak_memory(),
+        },
+        **summarise_history(history),
+        "final": final,
+    }
+    atomic_write_json(run / "metrics.json", _json_safe(metrics))
+    plot_loss_curve(history, run / "loss_curve.png", title=f"{config.task} · {config.method} · blocks {selection.selected}")
+    return TrainResult(run_dir=run, metrics=metrics, selection=selection, model=model, tokenizer=tokenizer, task=task)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
