@@ -223,6 +223,10 @@ def _train_config_from_args(args: argparse.Namespace):
 def _print_result(result) -> None:
     import json
 
+    from lwlora.training.trainer import is_main_process
+
+    if not is_main_process():  # one report per distributed launch
+        return
     metrics = result.metrics
     params = metrics["params"]
     print(f"adapted blocks {metrics['selected']} of {metrics['num_layers']} ({metrics['method']})")

