@@ -279,3 +279,15 @@ def test_label_out_of_range_and_empty_split(tiny_bert_dir, tmp_path):
     with pytest.raises(ConfigError) as info:
         train(config(tiny_bert_dir, empty, tmp_path / "run2"))
     assert info.value.flag == "--data"
+
+
+def test_merged_export_matches_the_adapted_model(tiny_bert_dir, cls_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    result = train(config(tiny_bert_dir, cls_dir, tmp_path / "run", max_steps=4, merge=True))
+    batch = result.task.data_collator([result.task.eval["validation"][i] for i in range(4)])
+    batch.pop("labels")
+    merged = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "merged").eval()
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, result.model.eval()(**batch).logits, rtol=1e-4, atol=1e-5)

@@ -1,8 +1,9 @@
 """Generation-based evaluation of causal LMs: batched greedy decoding, then a per-kind check.
 
 - ``math``: the predicted number (``answers.extract_predicted_number``: after ``####``, in
-  ``\\boxed{}``, after "the answer is", else the last number) must equal the reference exactly
-  (numerically) → ``exact_match``.
+  ``\\boxed{}``, after "the answer is", else the last number) must equal a numeric reference
+  exactly; a non-numeric (MATH) reference must equal the last ``\\boxed{}`` after
+  normalisation → ``exact_match``.
 - ``choice``: by generated letter (``answers.extract_choice_letter``) or, with
   ``choice_mode="loglik"``, by the highest next-token log-probability among the option letters
   after the prompt (one forward pass, no generation) → ``accuracy``.
@@ -21,9 +22,11 @@ import torch
 from torch import nn
 
 from lwlora.evaluation.answers import (
+    extract_boxed,
     extract_choice_letter,
     extract_predicted_number,
     numbers_match,
+    parse_number,
 )
 
 _FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.DOTALL)
@@ -98,6 +101,31 @@ def choose_by_loglik(
     return letters[int(torch.argmax(logits[token_ids]))]
 
 
+def math_answer_matches(generation: str, reference: str) -> tuple[str | None, bool]:
+    """(prediction, correct). Numeric references (GSM8K) need an exactly equal number; others
+    (MATH: ``\\frac{1}{2}``, ``(3, 4)``, ``x^2+1``) need the last ``\\boxed{}`` of the generation
+    to equal the reference after ``normalise_math_answer``, or to equal it as a number."""
+    if parse_number(reference) is not None:
+        predicted = extract_predicted_number(generation)
+        return predicted, numbers_match(predicted, reference)
+    boxed = extract_boxed(generation)
+    if boxed is None:
+        return None, False
+    return boxed, normalise_math_answer(boxed) == normalise_math_answer(reference) or numbers_match(boxed, reference)
+
+
+_LATEX_NOISE = (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""), ("$", ""))
+
+
+def normalise_math_answer(text: str) -> str:
+    """Drop what does not change a LaTeX answer's value: spaces, ``$``, ``\\left``/``\\right``,
+    ``\\!``, ``\\,``, ``\\dfrac``/``\\tfrac`` (→ ``\\frac``), ``\\text{…}`` wrappers, degrees, a final period."""
+    text = re.sub(r"\\text\{([^{}]*)\}", r"\1", text)
+    for old, new in _LATEX_NOISE:
+        text = text.replace(old, new)
+    return re.sub(r"\s+", "", text).rstrip(".")
+
+
 def code_program(example: Any, completion: str) -> str:
     """The program to test: the completion (a fenced block if there is one) after the problem's
     prompt, unless the completion defines the entry point itself; then the problem's tests."""
@@ -115,7 +143,8 @@ def code_program(example: Any, completion: str) -> str:
         body = f"{imports}\n{code}"
     else:
         body = prompt + code
-    return f"{body}\n{example.reference}\ncheck({example.entry_point})\n"
+    check = f"check({example.entry_point})\n" if example.entry_point else ""  # MBPP: bare assertions
+    return f"{body}\n{example.reference}\n{check}"
 
 
 def evaluate_examples(
@@ -168,15 +197,8 @@ def evaluate_examples(
     )
     if kind == "math":
         for example, text in zip(examples, generations):
-            predicted = extract_predicted_number(text)
-            records.append(
-                {
-                    "generation": text,
-                    "prediction": predicted,
-                    "reference": example.reference,
-                    "correct": numbers_match(predicted, example.reference),
-                }
-            )
+            predicted, correct = math_answer_matches(text, example.reference)
+            records.append({"generation": text, "prediction": predicted, "reference": example.reference, "correct": correct})
         metrics = {"exact_match": sum(r["correct"] for r in records) / len(records)}
     elif kind == "choice":
         for example, text in zip(examples, generations):

