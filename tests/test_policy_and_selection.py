@@ -138,7 +138,7 @@ def test_selection_json_round_trip(tmp_path):
     assert data["schema_version"] == SCHEMA_VERSION
     for key in ("model", "layers_path", "num_layers", "scorer", "pooling", "num_samples", "data_fingerprint", "layers", "selected", "one_hot", "versions", "timings"):
         assert key in data
-    assert data["layers"][0] == {"index": 0, "cka": None, "similarity": None, "importance": None, "degenerate": True, "reason": "block input: constant"}
+    assert data["layers"][0] == {"index": 0, "cka": None, "similarity": None, "importance": None, "degenerate": True, "reason": "block input: constant", "fallback": None}
     loaded = LayerSelection.load(tmp_path / "out")
     assert loaded.to_json() == selection.to_json()
     assert not list((tmp_path / "out").glob(".*tmp"))  # atomic write left no temporary file

@@ -19,7 +19,7 @@ embeddings, so models spread over several devices (``device_map="auto"``) work u
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -104,6 +104,9 @@ class BlockRepresentations:
     blocks: list[int]
     inputs: list[Tensor]
     outputs: list[Tensor]
+    pooling: str = "last"
+    #: the same blocks under other poolings captured in the same pass (``extra_poolings``)
+    alternates: dict[str, "BlockRepresentations"] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -120,6 +123,7 @@ def capture_block_representations(
     mask_key: str = "attention_mask",
     progress: bool = True,
     total: int | None = None,
+    extra_poolings: Sequence[str] = (),
 ) -> BlockRepresentations:
     """Run ``model`` over ``batches`` and pool every selected block's input and output.
 
@@ -132,30 +136,37 @@ def capture_block_representations(
         blocks: block indices to read (default: all). The forward pass stops after the last one.
         progress: show a tqdm bar over batches.
         total: number of batches, for the progress bar.
+        extra_poolings: further poolings to capture in the same pass (``result.alternates``).
 
     Returns:
         :class:`BlockRepresentations` with (n, d) float32 matrices per block.
     """
     from tqdm.auto import tqdm
 
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    poolings = list(dict.fromkeys([pooling, *extra_poolings]))
+    for name in poolings:
+        if name not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {name!r}")
     indices = sorted(set(range(stack.num_layers) if blocks is None else blocks))
     if not indices or indices[0] < 0 or indices[-1] >= stack.num_layers:
         raise ValueError(f"block indices must lie in [0, {stack.num_layers}), got {list(blocks or [])}")
     last_needed = indices[-1]
-    inputs: dict[int, list[Tensor]] = {i: [] for i in indices}
-    outputs: dict[int, list[Tensor]] = {i: [] for i in indices}
+    inputs: dict[str, dict[int, list[Tensor]]] = {p: {i: [] for i in indices} for p in poolings}
+    outputs: dict[str, dict[int, list[Tensor]]] = {p: {i: [] for i in indices} for p in poolings}
     current_mask: list[Tensor | None] = [None]
 
     def pre_hook(index: int):
         def hook(_module, args, kwargs):
-            inputs[index].append(pool(_block_input(args, kwargs), current_mask[0], pooling).to(device))
+            hidden = _block_input(args, kwargs)
+            for name in poolings:
+                inputs[name][index].append(pool(hidden, current_mask[0], name).to(device))
         return hook
 
     def post_hook(index: int):
         def hook(_module, _args, _kwargs, output):
-            outputs[index].append(pool(_block_output(output), current_mask[0], pooling).to(device))
+            hidden = _block_output(output)
+            for name in poolings:
+                outputs[name][index].append(pool(hidden, current_mask[0], name).to(device))
             if index == last_needed:
                 raise _StopForward
         return hook
@@ -176,12 +187,12 @@ def capture_block_representations(
             for batch in tqdm(batches, total=total, desc="capturing block representations", unit="batch", disable=not progress):
                 batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
                 current_mask[0] = batch.get(mask_key)
-                expected = len(outputs[last_needed]) + 1
+                expected = len(outputs[pooling][last_needed]) + 1
                 try:
                     model(**batch)
                 except _StopForward:
                     pass
-                if len(outputs[last_needed]) != expected:
+                if len(outputs[pooling][last_needed]) != expected:
                     raise RuntimeError(
                         f"block {last_needed} of {stack.path} did not run during the forward pass; "
                         "the inputs do not reach this stack (e.g. a vision tower without images)"
@@ -191,11 +202,17 @@ def capture_block_representations(
             handle.remove()
         model.train(was_training)
 
-    return BlockRepresentations(
-        blocks=indices,
-        inputs=[torch.cat(inputs[i]) for i in indices],
-        outputs=[torch.cat(outputs[i]) for i in indices],
-    )
+    def assemble(name: str) -> BlockRepresentations:
+        return BlockRepresentations(
+            blocks=indices,
+            inputs=[torch.cat(inputs[name][i]) for i in indices],
+            outputs=[torch.cat(outputs[name][i]) for i in indices],
+            pooling=name,
+        )
+
+    result = assemble(pooling)
+    result.alternates = {name: assemble(name) for name in poolings if name != pooling}
+    return result
 
 
 def _input_device(model: nn.Module) -> torch.device:

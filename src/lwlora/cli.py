@@ -59,6 +59,8 @@ def _add_select(subparsers) -> None:
     p.add_argument("--exclude", type=_int_list("--exclude"), default=(), help="blocks never selected")
     p.add_argument("--scorer", default="cka", choices=list(SCORERS), help="layer-change score (default cka)")
     p.add_argument("--pooling", choices=list(POOLINGS), help="token pooling (default: cls for encoders, last for decoders)")
+    p.add_argument("--feature-norm", choices=["none", "standardize"], default="none", help="standardize: z-score each feature before CKA (outlier-robust; decoders' massive activations)")
+    p.add_argument("--degenerate-fallback", choices=["exclude", "mean"], default="exclude", help="a block whose pooled representation is constant: exclude it (default; the paper's effect) or score it with mean pooling")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens")
     p.add_argument("--device", default="auto", help="auto (all GPUs via device_map=auto, else cpu), cpu, cuda, cuda:N, mps")
@@ -107,6 +109,8 @@ def _run_select(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         scorer=args.scorer,
         pooling=args.pooling,
+        feature_norm=args.feature_norm,
+        degenerate_fallback=args.degenerate_fallback,
         batch_size=args.batch_size,
         max_length=args.max_length,
         device=args.device,
@@ -149,6 +153,8 @@ TRAIN_HELP = {
     "save_every": "checkpoint every N steps (default: every epoch)",
     "gradient_checkpointing": "non-reentrant activation checkpointing (frozen lower blocks still skip backward)",
     "packing": "pack instruction examples into --max-length blocks",
+    "instruction_field": "instruction tasks: the prompt field (default: instruction, query, question or prompt)",
+    "output_field": "instruction tasks: the response field (default: output, response, answer or completion)",
     "resume": "continue the run in --out from its last checkpoint",
     "overwrite": "replace the run in --out",
     "merge": "also save base + adapter merged into RUN/merged",
@@ -236,12 +242,21 @@ def _print_result(result) -> None:
     print(f"wrote {result.run_dir}")
 
 
+def _finish_distributed() -> None:
+    """End a distributed launch's process group cleanly (torchrun / accelerate launch)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from lwlora.training.trainer import train
 
     if not args.progress:
         _disable_progress_bars()
     _print_result(train(_train_config_from_args(args)))
+    _finish_distributed()
     return 0
 
 
@@ -283,6 +298,7 @@ def _run_run(args: argparse.Namespace) -> int:
     if args.no_progress:
         data["progress"] = False
     _print_result(train(TrainConfig.from_dict(data, source=source)))
+    _finish_distributed()
     return 0
 
 

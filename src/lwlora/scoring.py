@@ -8,6 +8,7 @@ A degenerate pair gives ``importance=None`` with a reason, never a number.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -28,6 +29,8 @@ class LayerScore:
     importance: float | None
     degenerate: bool = False
     reason: str | None = None
+    #: what was done instead of the configured comparison (e.g. "mean" pooling), if anything
+    fallback: str | None = None
 
 
 class LayerScorer(Protocol):
@@ -55,6 +58,8 @@ class CKAScorer:
     similarity_name: str = "cka"
     dtype: torch.dtype = torch.float64
     degeneracy_rtol: float = similarity.DEFAULT_DEGENERACY_RTOL
+    #: "none" or "standardize" (z-score each feature before CKA; see similarity.standardize_features)
+    feature_norm: str = "none"
 
     def __call__(self, x: Tensor, y: Tensor) -> LayerScore:
         y = y.to(x.device)
@@ -62,6 +67,8 @@ class CKAScorer:
             reason = similarity.degeneracy(rep, rtol=self.degeneracy_rtol)
             if reason is not None:
                 return _degenerate(f"block {side}: {reason}")
+        if self.feature_norm == "standardize":
+            x, y = similarity.standardize_features(x, dtype=self.dtype), similarity.standardize_features(y, dtype=self.dtype)
         value = float(self.cka(x, y, dtype=self.dtype))
         if not math.isfinite(value):
             return _degenerate("CKA is not finite")
@@ -102,8 +109,20 @@ SCORERS: dict[str, LayerScorer] = {
 }
 
 
-def get_scorer(name: str) -> LayerScorer:
+FEATURE_NORMS = ("none", "standardize")
+
+
+def get_scorer(name: str, *, feature_norm: str = "none") -> LayerScorer:
+    """The registered scorer ``name``; ``feature_norm="standardize"`` (CKA scorers only) z-scores
+    every feature before comparing (the outlier-robust variant)."""
     try:
-        return SCORERS[name]
+        scorer = SCORERS[name]
     except KeyError:
         raise ConfigError("--scorer", f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}") from None
+    if feature_norm not in FEATURE_NORMS:
+        raise ConfigError("--feature-norm", f"unknown feature normalisation {feature_norm!r}; choose one of {', '.join(FEATURE_NORMS)}")
+    if feature_norm != "none":
+        if not isinstance(scorer, CKAScorer):
+            raise ConfigError("--feature-norm", f"applies to the CKA scorers, not {name!r}")
+        scorer = dataclasses.replace(scorer, feature_norm=feature_norm)
+    return scorer

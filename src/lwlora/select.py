@@ -7,6 +7,7 @@ one :class:`~lwlora.scoring.LayerScore` per block.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import platform
@@ -19,11 +20,11 @@ import torch
 from torch import nn
 
 from lwlora.blocks import BlockStack, resolve_block_stack
-from lwlora.capture import POOLINGS, capture_block_representations
+from lwlora.capture import POOLINGS, BlockRepresentations, capture_block_representations
 from lwlora.data import TextSamples, load_text_samples
 from lwlora.errors import ConfigError
 from lwlora.policy import SelectionPolicy, paper_policy, select_blocks
-from lwlora.scoring import SCORERS, LayerScore, get_scorer
+from lwlora.scoring import LayerScore, LayerScorer, get_scorer
 from lwlora.selection import LayerRecord, LayerSelection
 
 logger = logging.getLogger("lwlora")
@@ -45,6 +46,8 @@ class SelectConfig:
     exclude: tuple[int, ...] = ()
     scorer: str = "cka"
     pooling: Literal["cls", "last", "mean"] | None = None  # None: cls for encoders, last for decoders
+    feature_norm: Literal["none", "standardize"] = "none"
+    degenerate_fallback: Literal["exclude", "mean"] = "exclude"
     batch_size: int = 8
     max_length: int = 512
     device: str = "auto"
@@ -61,7 +64,9 @@ class SelectConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        scorer = get_scorer(self.scorer)
+        scorer = get_scorer(self.scorer, feature_norm=self.feature_norm)
+        if self.degenerate_fallback not in ("exclude", "mean"):
+            raise ConfigError("--degenerate-fallback", f"must be 'exclude' or 'mean', got {self.degenerate_fallback!r}")
         if self.num_samples < scorer.min_samples:
             raise ConfigError("--num-samples", f"the {self.scorer} scorer needs at least {scorer.min_samples} samples, got {self.num_samples}")
         if self.pooling is not None and self.pooling not in POOLINGS:
@@ -123,6 +128,59 @@ def make_batches(tokenizer: Any, samples: TextSamples, *, batch_size: int, max_l
     return batches, order
 
 
+def capture_samples(
+    model: nn.Module,
+    tokenizer: Any,
+    samples: TextSamples,
+    stack: BlockStack,
+    *,
+    pooling: str = "last",
+    batch_size: int = 8,
+    max_length: int = 512,
+    progress: bool = True,
+    extra_poolings: tuple[str, ...] = (),
+) -> BlockRepresentations:
+    """Pooled block inputs/outputs on ``samples``, rows in the samples' order (batches run in
+    length order to cut padding, then the rows are put back)."""
+    batches, order = make_batches(tokenizer, samples, batch_size=batch_size, max_length=max_length, model=model)
+    reps = capture_block_representations(model, stack, batches, pooling=pooling, progress=progress, total=len(batches), extra_poolings=extra_poolings)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+
+    def restore(r: BlockRepresentations) -> BlockRepresentations:
+        return BlockRepresentations(
+            blocks=r.blocks,
+            inputs=[x[inverse.to(x.device)] for x in r.inputs],
+            outputs=[y[inverse.to(y.device)] for y in r.outputs],
+            pooling=r.pooling,
+        )
+
+    result = restore(reps)
+    result.alternates = {name: restore(alt) for name, alt in reps.alternates.items()}
+    return result
+
+
+def score_representations(reps: BlockRepresentations, scorer: LayerScorer, *, degenerate_fallback: str = "exclude") -> list[LayerScore]:
+    """One score per captured block. A degenerate block is, by ``degenerate_fallback``:
+    ``exclude`` — left without a score (ranked after every scored block; the default and the
+    paper preset's rule), or ``mean`` — scored on its mean-pooled representations instead
+    (needs ``reps.alternates["mean"]``), recorded as ``fallback="mean"``."""
+    scores = []
+    for i, (x, y) in enumerate(zip(reps.inputs, reps.outputs)):
+        score = scorer(x, y)
+        if score.degenerate:
+            if degenerate_fallback == "mean" and "mean" in reps.alternates:
+                alt = reps.alternates["mean"]
+                retry = scorer(alt.inputs[i], alt.outputs[i])
+                if not retry.degenerate:
+                    reason = f"{reps.pooling} pooling: {score.reason}; scored with mean pooling instead"
+                    score = dataclasses.replace(retry, degenerate=True, reason=reason, fallback="mean")
+            if score.fallback is None:
+                score = dataclasses.replace(score, fallback="excluded")
+        scores.append(score)
+    return scores
+
+
 def score_layers(
     model: nn.Module,
     tokenizer: Any,
@@ -134,16 +192,16 @@ def score_layers(
     batch_size: int = 8,
     max_length: int = 512,
     progress: bool = True,
+    feature_norm: str = "none",
+    degenerate_fallback: str = "exclude",
 ) -> list[LayerScore]:
     """One score per block of ``stack``, from pooled block inputs/outputs on ``samples``."""
-    layer_scorer = get_scorer(scorer)
+    layer_scorer = get_scorer(scorer, feature_norm=feature_norm)
     if len(samples) < layer_scorer.min_samples:
         raise ConfigError("--num-samples", f"the {scorer} scorer needs at least {layer_scorer.min_samples} samples, the data gave {len(samples)}")
-    batches, order = make_batches(tokenizer, samples, batch_size=batch_size, max_length=max_length, model=model)
-    reps = capture_block_representations(model, stack, batches, pooling=pooling, progress=progress, total=len(batches))
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    return [layer_scorer(x[inverse.to(x.device)], y[inverse.to(y.device)]) for x, y in zip(reps.inputs, reps.outputs)]
+    extra = ("mean",) if degenerate_fallback == "mean" and pooling != "mean" else ()
+    reps = capture_samples(model, tokenizer, samples, stack, pooling=pooling, batch_size=batch_size, max_length=max_length, progress=progress, extra_poolings=extra)
+    return score_representations(reps, layer_scorer, degenerate_fallback=degenerate_fallback)
 
 
 def library_versions() -> dict[str, str]:
@@ -156,6 +214,33 @@ def library_versions() -> dict[str, str]:
         except ImportError:
             pass
     return versions
+
+
+#: CKA at or above this is "the block barely changes its input" to within the noise of a few
+#: hundred samples; a ranking among such blocks rests on ties (massive activations, see
+#: similarity.standardize_features).
+NEAR_IDENTITY_CKA = 0.9995
+
+
+def near_identity_diagnostics(reps: BlockRepresentations, records: list[LayerRecord], policy: SelectionPolicy, config: SelectConfig, selected: list[int]) -> tuple[dict[str, Any], list[str]]:
+    """Report blocks whose CKA is within noise of 1 and, when the ranking rests on them, what the
+    outlier-robust variant (per-feature standardisation) would select instead."""
+    near = [r.index for r in records if r.cka is not None and r.cka >= NEAR_IDENTITY_CKA]
+    diagnostics: dict[str, Any] = {"near_identity_blocks": near, "near_identity_threshold": NEAR_IDENTITY_CKA}
+    warnings: list[str] = []
+    if len(near) < 2:
+        return diagnostics, warnings
+    boundary = bool(set(near) & set(selected)) and bool(set(near) - set(selected))
+    other = "standardize" if config.feature_norm == "none" else "none"
+    alternative = score_representations(reps, get_scorer(config.scorer, feature_norm=other), degenerate_fallback=config.degenerate_fallback)
+    alt_selected, _ = select_blocks([s.importance for s in alternative], policy)
+    overlap = len(set(alt_selected) & set(selected)) / max(1, len(set(alt_selected) | set(selected)))
+    diagnostics["alternative"] = {"feature_norm": other, "selected": alt_selected, "jaccard": round(overlap, 4)}
+    message = f"{len(near)} blocks score CKA >= {NEAR_IDENTITY_CKA} ({near}): their order is within noise"
+    if boundary:
+        message += ", and the selection boundary runs through them"
+    warnings.append(f"{message}; with --feature-norm {other} the selection would be {alt_selected} (Jaccard {overlap:.2f} with this one)")
+    return diagnostics, warnings
 
 
 def select_layers(
@@ -200,21 +285,31 @@ def select_layers(
     policy.target_count(stack.num_layers)  # fail on k > L before the expensive part
     pooling = config.pooling or default_pooling(model_kind, stack.tower)
 
+    layer_scorer = get_scorer(config.scorer, feature_norm=config.feature_norm)
+    if len(samples) < layer_scorer.min_samples:
+        raise ConfigError("--num-samples", f"the {config.scorer} scorer needs at least {layer_scorer.min_samples} samples, the data gave {len(samples)}")
     tick = time.perf_counter()
-    scores = score_layers(model, tokenizer, samples, stack, scorer=config.scorer, pooling=pooling, batch_size=config.batch_size, max_length=config.max_length, progress=config.progress)
+    extra = ("mean",) if config.degenerate_fallback == "mean" and pooling != "mean" else ()
+    reps = capture_samples(model, tokenizer, samples, stack, pooling=pooling, batch_size=config.batch_size, max_length=config.max_length, progress=config.progress, extra_poolings=extra)
+    scores = score_representations(reps, layer_scorer, degenerate_fallback=config.degenerate_fallback)
     timings["score_s"] = time.perf_counter() - tick
 
-    scorer = SCORERS[config.scorer]
-    is_cka = scorer.similarity_name == "cka"
+    is_cka = layer_scorer.similarity_name == "cka"
     records = [
-        LayerRecord(index=i, cka=s.similarity if is_cka else None, similarity=s.similarity, importance=s.importance, degenerate=s.degenerate, reason=s.reason)
+        LayerRecord(index=i, cka=s.similarity if is_cka else None, similarity=s.similarity, importance=s.importance, degenerate=s.degenerate, reason=s.reason, fallback=s.fallback)
         for i, s in enumerate(scores)
     ]
     selected, warnings = select_blocks([r.importance for r in records], policy)
-    for record in records:
-        if record.degenerate:
-            hint = " (try --pooling mean)" if pooling in ("cls", "last") else ""
+    for record in reversed(records):
+        if record.fallback == "mean":
+            warnings.insert(0, f"block {record.index}: {record.reason}")
+        elif record.degenerate:
+            hint = " (try --pooling mean or --degenerate-fallback mean)" if pooling in ("cls", "last") else ""
             warnings.insert(0, f"block {record.index} is degenerate and gets no score: {record.reason}{hint}")
+    diagnostics: dict[str, Any] = {}
+    if is_cka:
+        diagnostics, tie_warnings = near_identity_diagnostics(reps, records, policy, config, selected)
+        warnings += tie_warnings
     for message in warnings:
         logger.warning(message)
     timings["total_s"] = time.perf_counter() - start
@@ -227,7 +322,7 @@ def select_layers(
         num_layers=stack.num_layers,
         block_linear_modules=stack.block_linear_modules(),
         scorer=config.scorer,
-        similarity_name=scorer.similarity_name,
+        similarity_name=layer_scorer.similarity_name,
         pooling=pooling,
         num_samples=len(samples),
         data=config.data if config.data else samples.source,
@@ -236,6 +331,8 @@ def select_layers(
         layers=records,
         selected=selected,
         warnings=warnings,
+        diagnostics=diagnostics,
+        feature_norm=config.feature_norm,
         versions=library_versions(),
         timings={k: round(v, 4) for k, v in timings.items()},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -7,13 +7,13 @@ Schema (version 1)::
       "model": "<hub id or path>", "gguf_file": null | "<file>", "model_kind": "encoder" | "decoder",
       "layers_path": "encoder.layer", "tower": "language", "num_layers": 6,
       "block_linear_modules": ["attention.self.query", ...],
-      "scorer": "cka", "similarity_name": "cka", "pooling": "cls",
+      "scorer": "cka", "similarity_name": "cka", "pooling": "cls", "feature_norm": "none",
       "num_samples": 128, "data": "<data spec>", "data_fingerprint": "sha256:…",
       "policy": {...},
       "layers": [{"index": 0, "cka": null, "similarity": null, "importance": null,
-                  "degenerate": true, "reason": "..."}, ...],
+                  "degenerate": true, "reason": "...", "fallback": null}, ...],
       "selected": [1, 3, 5], "one_hot": "010101",
-      "warnings": [...], "versions": {...}, "timings": {...}, "created": "<ISO 8601>"
+      "warnings": [...], "diagnostics": {...}, "versions": {...}, "timings": {...}, "created": "<ISO 8601>"
     }
 
 ``cka`` holds the CKA value for the CKA scorers and ``null`` for the cosine scorers, whose raw
@@ -42,6 +42,8 @@ class LayerRecord:
     importance: float | None
     degenerate: bool
     reason: str | None = None
+    #: set when the block was scored another way than configured, e.g. "mean" pooling
+    fallback: str | None = None
 
 
 @dataclass
@@ -65,6 +67,9 @@ class LayerSelection:
     block_linear_modules: list[str] = field(default_factory=list)
     policy: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: extra evidence: near-identity ties, the selection under the other feature normalisation, ...
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    feature_norm: str = "none"
     versions: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     created: str | None = None
@@ -104,6 +109,7 @@ class LayerSelection:
             "scorer": data["scorer"],
             "similarity_name": data["similarity_name"],
             "pooling": data["pooling"],
+            "feature_norm": data["feature_norm"],
             "num_samples": data["num_samples"],
             "data": data["data"],
             "data_fingerprint": data["data_fingerprint"],
@@ -112,6 +118,7 @@ class LayerSelection:
             "selected": data["selected"],
             "one_hot": self.one_hot,
             "warnings": data["warnings"],
+            "diagnostics": data["diagnostics"],
             "versions": data["versions"],
             "timings": data["timings"],
             "created": data["created"],

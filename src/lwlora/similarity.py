@@ -153,6 +153,21 @@ def angular_distance(x: Tensor, y: Tensor, *, dtype: torch.dtype = torch.float64
     return torch.arccos(cos).mean() / math.pi
 
 
+def standardize_features(x: Tensor, *, dtype: torch.dtype = torch.float64, eps: float = 1e-12) -> Tensor:
+    """Z-score every feature (column) of x (n, d) over the samples: (x − μ_j) / σ_j.
+
+    Decoders carry a few "massive activation" dimensions whose variance dominates linear CKA, so
+    that almost every block scores CKA ≈ 1 and their ranking is noise. Giving every feature unit
+    variance before CKA lets all dimensions count. Columns with σ_j <= eps (constant) become 0.
+    Check ``degeneracy`` on the raw representation first: standardizing a near-constant matrix
+    would blow rounding noise up to unit variance.
+    """
+    x = x.to(dtype)
+    centred = x - x.mean(dim=0, keepdim=True)
+    std = centred.pow(2).mean(dim=0, keepdim=True).sqrt()
+    return torch.where(std > eps, centred / std.clamp_min(eps), torch.zeros_like(centred))
+
+
 def zero_rows(x: Tensor) -> int:
     """Number of all-zero rows of x (n, d): samples whose cosine is undefined."""
     return int((torch.linalg.norm(x.to(torch.float64), dim=1) == 0).sum())

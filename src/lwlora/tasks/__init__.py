@@ -19,7 +19,7 @@ from lwlora.tasks.base import (
     check_caps,
     ensure_pad_token,
 )
-from lwlora.tasks.presets import GLUE_PRESETS, TASKS
+from lwlora.tasks.presets import TASKS
 
 __all__ = ["TASKS", "CausalLMCollator", "EvalExample", "PreparedTask", "load_task"]
 
@@ -81,5 +81,3 @@ def load_task(
     loader = {"instruction": load_instruction, "metamath": load_metamath, "code-feedback": load_code_feedback, "gsm-symbolic": load_gsm_symbolic}[task]
     return loader(tokenizer, data=data, max_eval_samples=max_eval_samples, packing=packing, **fields, **common)
 
-
-assert all(f"glue/{name}" in TASKS for name in GLUE_PRESETS)

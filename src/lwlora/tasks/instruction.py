@@ -279,13 +279,13 @@ def mbpp_examples(records: Any, cap: int | None) -> list[EvalExample]:
     return examples
 
 
-def optional_hub_examples(name: str, build, **kwargs: Any) -> list[EvalExample]:
+def optional_hub_examples(hub_name: str, build, **kwargs: Any) -> list[EvalExample]:
     """A secondary evaluation set from the Hub: skipped with a warning when it cannot be loaded
     (offline with local training data), so the primary evaluation still runs."""
     try:
-        return build(load_hub_dataset(name, **kwargs))
+        return build(load_hub_dataset(hub_name, **kwargs))
     except ConfigError as exc:
-        logger.warning(f"skipping the {name} evaluation: {exc}")
+        logger.warning(f"skipping the {hub_name} evaluation: {exc}")
         return []
 
 

@@ -60,9 +60,13 @@ class TrainConfig:
     text_column: str | None = None
     text_pair_column: str | None = None
     label_column: str | None = None
+    instruction_field: str | None = None
+    output_field: str | None = None
     # selection options (used when layers == "cka")
     scorer: str = "cka"
     pooling: str | None = None
+    feature_norm: str = "none"
+    degenerate_fallback: str = "exclude"
     num_samples: int = 128
     select_batch_size: int = 8
     preset: str | None = None

@@ -89,7 +89,9 @@ def evaluate(target: str, *, task: str | None = None, data: str | None = None, m
             raise ConfigError("--task", "is required when evaluating a model rather than a run directory")
         config = TrainConfig(model=target, task=task, out="-", data=data, max_eval_samples=max_eval_samples, gguf_file=gguf_file)
     tokenizer, source, resolved_gguf = load_tokenizer(config)
-    prepared = load_task(config.task, tokenizer, data=config.data, text_column=config.text_column, text_pair_column=config.text_pair_column, label_column=config.label_column, max_length=config.max_length, max_train_samples=1, max_eval_samples=config.max_eval_samples, selection_samples=1, seed=config.seed)
+    prepared = load_task(config.task, tokenizer, data=config.data, text_column=config.text_column, text_pair_column=config.text_pair_column, label_column=config.label_column,
+        instruction_field=config.instruction_field,
+        output_field=config.output_field, max_length=config.max_length, max_train_samples=1, max_eval_samples=config.max_eval_samples, selection_samples=1, seed=config.seed)
     if run is not None and config.method == "full":
         source, resolved_gguf = str(run / "model"), None
     model = load_training_model(config, source, resolved_gguf, prepared, tokenizer)

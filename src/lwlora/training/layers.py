@@ -75,6 +75,8 @@ def choose_layers(
             num_layers=config.num_layers,
             scorer=config.scorer,
             pooling=config.pooling,
+            feature_norm=config.feature_norm,
+            degenerate_fallback=config.degenerate_fallback,
             batch_size=config.select_batch_size,
             max_length=config.max_length,
             gguf_file=config.gguf_file,

@@ -26,7 +26,7 @@ from lwlora.errors import ConfigError
 from lwlora.io import atomic_write_json
 
 CONFIG_FILE = "train_config.json"
-RUN_ENTRIES = (CONFIG_FILE, "selection.json", "adapter", "model", "merged", "checkpoints", "metrics.json", "loss_curve.png")
+RUN_ENTRIES = (CONFIG_FILE, "selection.json", "adapter", "model", "merged", "checkpoints", "metrics.json", "loss_curve.png", "eval.json", ".adapter.tmp", ".model.tmp", ".merged.tmp")
 
 
 def prepare_run_dir(out: str, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> Path:
@@ -44,6 +44,8 @@ def prepare_run_dir(out: str, identity: dict[str, Any], *, resume: bool, overwri
         if changed:
             detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
             raise ConfigError("--resume", f"{run} holds a different run ({detail}); use another --out or --overwrite")
+        for stale in run.glob(".*.tmp"):  # staging left by an interrupted save
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         return run
     if occupied:
         if not overwrite:
@@ -63,22 +65,19 @@ def write_config(run: Path, config_json: dict[str, Any]) -> None:
     atomic_write_json(run / CONFIG_FILE, config_json)
 
 
-def save_directory_atomically(run: Path, name: str, save) -> Path:
-    """Call ``save(tmp_dir)`` then rename ``tmp_dir`` to ``run/name`` (replacing an old one)."""
+def publish_directory(run: Path, name: str, staging: Path) -> Path:
+    """Move a fully written ``staging`` directory to ``run/name`` (replacing an old one) by renames,
+    so ``run/name`` is never half-written."""
     final = run / name
-    tmp = run / f".{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save(tmp)
     if final.exists():
         old = run / f".{name}.old"
         if old.exists():
             shutil.rmtree(old)
         final.rename(old)
-        tmp.rename(final)
+        staging.rename(final)
         shutil.rmtree(old)
     else:
-        tmp.rename(final)
+        staging.rename(final)
     return final
 
 

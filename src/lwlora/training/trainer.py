@@ -32,7 +32,7 @@ from lwlora.training.config import TrainConfig
 from lwlora.training.run_dir import (
     last_checkpoint,
     prepare_run_dir,
-    save_directory_atomically,
+    publish_directory,
     write_config,
 )
 
@@ -223,6 +223,8 @@ def train(config: TrainConfig) -> TrainResult:
         text_column=config.text_column,
         text_pair_column=config.text_pair_column,
         label_column=config.label_column,
+        instruction_field=config.instruction_field,
+        output_field=config.output_field,
         max_length=config.max_length,
         max_train_samples=config.max_train_samples,
         max_eval_samples=config.max_eval_samples,
@@ -278,20 +280,26 @@ def train(config: TrainConfig) -> TrainResult:
     if eval_sets:
         for name, dataset in eval_sets.items():
             final[name] = {k.removeprefix("eval_"): v for k, v in trainer.evaluate(dataset, metric_key_prefix="eval").items()}
-    if not main_process:  # evaluation by generation and all writing: the main process only
+    # Weights are saved through the Trainer on every process (it gathers FSDP shards and writes on
+    # the main process only); the main process then moves them into place atomically.
+    weights = "adapter" if isinstance(model, PeftModel) else "model"
+    staging = run / f".{weights}.tmp"
+    trainer.save_model(str(staging))
+    if not main_process:  # evaluation by generation and all other writing: the main process only
         return TrainResult(run_dir=run, metrics={"final": final}, selection=selection, model=model, tokenizer=tokenizer, task=task)
+    tokenizer.save_pretrained(staging)
+    publish_directory(run, weights, staging)
+
     if task.kind == "causal_lm" and task.eval_examples:
         from lwlora.training.evaluate import evaluate_task
 
         final.update(evaluate_task(trainer.model, tokenizer, task, batch_size=config.eval_batch_size or config.batch_size, max_new_tokens=config.max_new_tokens, choice_mode=config.choice_mode, progress=config.progress))
-
-    if isinstance(model, PeftModel):
-        save_directory_atomically(run, "adapter", lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
-    else:
-        save_directory_atomically(run, "model", lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     if config.merge and isinstance(model, PeftModel):
         merged = model.merge_and_unload()
-        save_directory_atomically(run, "merged", lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+        staging = run / ".merged.tmp"
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        publish_directory(run, "merged", staging)
 
     history = trainer.state.log_history
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
