@@ -235,3 +235,22 @@ def test_plot_writes_png(tmp_path, reps, tie_report):
     # degenerate entries are drawn, not a crash
     out = plot_stability(tie_report, [None] + importances[1:], selected, tmp_path / "deg.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_json_round_trip_and_select_bootstrap(tiny_bert_dir, data_files, tmp_path):
+    """`lwlora select --bootstrap N`: the report lands in selection.json and stability.png."""
+    import json
+
+    from lwlora import cli
+    from lwlora.stability import StabilityReport
+
+    out = tmp_path / "sel"
+    code = cli.main(["select", str(tiny_bert_dir), "--data", str(data_files.jsonl), "--out", str(out), "--num-samples", "24", "--num-layers", "1", "--pooling", "mean", "--bootstrap", "20", "--device", "cpu", "--no-progress"])
+    assert code == 0
+    data = json.loads((out / "selection.json").read_text())
+    stability = data["diagnostics"]["stability"]
+    assert stability["num_replicates"] == 20 and len(stability["layers"]) == data["num_layers"]
+    assert all(0.0 <= layer["frequency"] <= 1.0 for layer in stability["layers"])
+    assert StabilityReport.from_json(stability).to_json() == stability
+    assert (out / "stability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.main(["select", str(tiny_bert_dir), "--data", str(data_files.jsonl), "--out", str(tmp_path / "bad"), "--bootstrap", "-1"]) == 2

@@ -39,7 +39,7 @@ def _int_list(flag: str):
 
 def _add_select(subparsers) -> None:
     from lwlora.capture import POOLINGS
-    from lwlora.scoring import SCORERS
+    from lwlora.select import ALL_SCORERS
 
     p = subparsers.add_parser(
         "select",
@@ -57,9 +57,14 @@ def _add_select(subparsers) -> None:
     count.add_argument("--layers", type=_int_list("--layers"), help="explicit blocks, e.g. 0,3,5 (scores are still reported)")
     p.add_argument("--include", type=_int_list("--include"), default=(), help="blocks always selected, e.g. 0,1")
     p.add_argument("--exclude", type=_int_list("--exclude"), default=(), help="blocks never selected")
-    p.add_argument("--scorer", default="cka", choices=list(SCORERS), help="layer-change score (default cka)")
+    p.add_argument("--scorer", default="cka", choices=list(ALL_SCORERS), help="cka (default), cka-debiased, bi, angular; fim, gradnorm (gradient probes: need labels); all, first, last, random (rules)")
+    p.add_argument("--task", help="fim/gradnorm: the task giving labelled inputs (default: classification for encoders, instruction for decoders)")
+    p.add_argument("--label-column", help="fim/gradnorm on classification data: the label column")
+    p.add_argument("--instruction-field", help="fim/gradnorm on instruction data: the prompt field")
+    p.add_argument("--output-field", help="fim/gradnorm on instruction data: the response field")
     p.add_argument("--pooling", choices=list(POOLINGS), help="token pooling (default: cls for encoders, last for decoders)")
     p.add_argument("--feature-norm", choices=["none", "standardize"], default="none", help="standardize: z-score each feature before CKA (outlier-robust; decoders' massive activations)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="resample the samples N times: per-block selection frequency, importance intervals, n/2-vs-n rank agreement (stability.png)")
     p.add_argument("--degenerate-fallback", choices=["exclude", "mean"], default="exclude", help="a block whose pooled representation is constant: exclude it (default; the paper's effect) or score it with mean pooling")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens")
@@ -111,6 +116,11 @@ def _run_select(args: argparse.Namespace) -> int:
         pooling=args.pooling,
         feature_norm=args.feature_norm,
         degenerate_fallback=args.degenerate_fallback,
+        bootstrap=args.bootstrap,
+        task=args.task,
+        label_column=args.label_column,
+        instruction_field=args.instruction_field,
+        output_field=args.output_field,
         batch_size=args.batch_size,
         max_length=args.max_length,
         device=args.device,

@@ -59,6 +59,9 @@ from lwlora.scoring import LayerScore
 #: The ``GradientScores`` field lwlora ranks blocks by (see the module docstring).
 DEFAULT_RANKING = "fisher_per_param"
 
+#: Scorer names (``--scorer`` / ``--layers``) -> the ``GradientScores`` field they rank by.
+GRADIENT_SCORERS = {"fim": DEFAULT_RANKING, "gradnorm": "grad_norm"}
+
 
 @dataclass(frozen=True)
 class GradientScores:

@@ -175,3 +175,25 @@ def select_blocks(importances: Sequence[float | None], policy: SelectionPolicy) 
             "try --pooling mean or fewer layers"
         )
     return sorted(chosen), warnings
+
+
+#: Selections made by a rule rather than by scores (``lwlora select --scorer NAME``,
+#: ``lwlora train --layers NAME``): the paper's all-layer baseline and the obvious controls.
+RULES = ("all", "first", "last", "random")
+
+
+def rule_blocks(rule: str, num_layers: int, policy: SelectionPolicy, *, seed: int = 0) -> list[int]:
+    """``all`` blocks; the k ``first`` / ``last`` blocks; k blocks drawn at ``random`` with
+    ``random.Random(seed)`` — k from ``policy`` (floor(ratio × L) or num_layers)."""
+    import random
+
+    if rule == "all":
+        return list(range(num_layers))
+    count = policy.target_count(num_layers)
+    if rule == "first":
+        return list(range(count))
+    if rule == "last":
+        return list(range(num_layers - count, num_layers))
+    if rule == "random":
+        return sorted(random.Random(seed).sample(range(num_layers), count))
+    raise ConfigError("--layers", f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")

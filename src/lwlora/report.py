@@ -97,7 +97,8 @@ def peft_snippet(selection_path: str) -> str:
 
 
 def write_artifacts(selection: LayerSelection, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``selection.json``, ``scores.csv`` and ``importance.png`` into ``out_dir``.
+    """Write ``selection.json``, ``scores.csv``, ``importance.png`` (and ``stability.png`` when the
+    selection carries a bootstrap report) into ``out_dir``.
 
     Every file is rendered completely before any is moved into place, and each move is atomic,
     so a failure leaves no half-written file in ``out_dir``.
@@ -107,6 +108,12 @@ def write_artifacts(selection: LayerSelection, out_dir: str | os.PathLike) -> di
     paths = {"selection": out / "selection.json", "scores": out / "scores.csv", "plot": out / "importance.png"}
     csv_text = scores_csv(selection)
     plot_importance(selection, paths["plot"])
+    stability = selection.diagnostics.get("stability")
+    if stability is not None:
+        from lwlora.stability import StabilityReport, plot_stability
+
+        paths["stability_plot"] = out / "stability.png"
+        plot_stability(StabilityReport.from_json(stability), selection.importances, selection.selected, paths["stability_plot"])
     atomic_write_text(paths["scores"], csv_text)
     selection.save(paths["selection"])
     return paths

@@ -23,13 +23,28 @@ from lwlora.blocks import BlockStack, resolve_block_stack
 from lwlora.capture import POOLINGS, BlockRepresentations, capture_block_representations
 from lwlora.data import TextSamples, load_text_samples
 from lwlora.errors import ConfigError
-from lwlora.policy import SelectionPolicy, paper_policy, select_blocks
-from lwlora.scoring import LayerScore, LayerScorer, get_scorer
+from lwlora.gradient_scores import GRADIENT_SCORERS
+from lwlora.policy import (
+    RULES,
+    SelectionPolicy,
+    paper_policy,
+    rule_blocks,
+    select_blocks,
+)
+from lwlora.scoring import SCORERS, LayerScore, LayerScorer, get_scorer
 from lwlora.selection import LayerRecord, LayerSelection
 
 logger = logging.getLogger("lwlora")
 
 PRESETS = ("paper",)
+
+
+#: every ``--scorer`` name: similarity scorers, gradient scorers and selection rules
+ALL_SCORERS: tuple[str, ...] = (*SCORERS, *GRADIENT_SCORERS, *RULES)
+
+
+class _RuleOrGradient:
+    min_samples = 1
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,12 @@ class SelectConfig:
     pooling: Literal["cls", "last", "mean"] | None = None  # None: cls for encoders, last for decoders
     feature_norm: Literal["none", "standardize"] = "none"
     degenerate_fallback: Literal["exclude", "mean"] = "exclude"
+    bootstrap: int = 0  # replicates for the stability report (0: none)
+    # gradient scorers (fim, gradnorm) need labelled inputs: the task and its columns/fields
+    task: str | None = None
+    label_column: str | None = None
+    instruction_field: str | None = None
+    output_field: str | None = None
     batch_size: int = 8
     max_length: int = 512
     device: str = "auto"
@@ -64,13 +85,20 @@ class SelectConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        scorer = get_scorer(self.scorer, feature_norm=self.feature_norm)
+        if self.scorer in RULES or self.scorer in GRADIENT_SCORERS:
+            if self.feature_norm != "none":
+                raise ConfigError("--feature-norm", f"applies to the CKA scorers, not {self.scorer!r}")
+            scorer = _RuleOrGradient()
+        else:
+            scorer = get_scorer(self.scorer, feature_norm=self.feature_norm)
         if self.degenerate_fallback not in ("exclude", "mean"):
             raise ConfigError("--degenerate-fallback", f"must be 'exclude' or 'mean', got {self.degenerate_fallback!r}")
         if self.num_samples < scorer.min_samples:
             raise ConfigError("--num-samples", f"the {self.scorer} scorer needs at least {scorer.min_samples} samples, got {self.num_samples}")
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ConfigError("--pooling", f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if self.bootstrap < 0:
+            raise ConfigError("--bootstrap", f"must be >= 0 (0: no stability report), got {self.bootstrap}")
         if self.batch_size < 1:
             raise ConfigError("--batch-size", f"must be at least 1, got {self.batch_size}")
         if self.max_length < 1:
@@ -256,6 +284,12 @@ def select_layers(
     texts prepared elsewhere (e.g. a training task's inputs) instead of reading ``config.data``."""
     from lwlora.models import infer_model_kind, load_model, prepare_tokenizer
 
+    if config.scorer in GRADIENT_SCORERS:
+        if model is not None:
+            raise ValueError("gradient scorers need the model with its task head: use lwlora.training.gradient_selection.gradient_selection")
+        from lwlora.training.gradient_selection import select_by_gradients
+
+        return select_by_gradients(config)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     if samples is None:
@@ -284,6 +318,10 @@ def select_layers(
     policy = config.policy_for(model_kind)
     policy.target_count(stack.num_layers)  # fail on k > L before the expensive part
     pooling = config.pooling or default_pooling(model_kind, stack.tower)
+    if config.scorer in RULES:
+        from lwlora.training.layers import unscored_selection
+
+        return unscored_selection(config, stack, model_kind, rule_blocks(config.scorer, stack.num_layers, policy, seed=config.seed), config.scorer)
 
     layer_scorer = get_scorer(config.scorer, feature_norm=config.feature_norm)
     if len(samples) < layer_scorer.min_samples:
@@ -310,6 +348,14 @@ def select_layers(
     if is_cka:
         diagnostics, tie_warnings = near_identity_diagnostics(reps, records, policy, config, selected)
         warnings += tie_warnings
+    if config.bootstrap:
+        from lwlora.stability import bootstrap_stability
+
+        tick = time.perf_counter()
+        report = bootstrap_stability(reps, config.scorer, policy, replicates=config.bootstrap, seed=config.seed, full_selection=selected, feature_norm=config.feature_norm)
+        diagnostics["stability"] = report.to_json()
+        warnings += report.warnings
+        timings["bootstrap_s"] = time.perf_counter() - tick
     for message in warnings:
         logger.warning(message)
     timings["total_s"] = time.perf_counter() - start

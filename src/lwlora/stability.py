@@ -123,6 +123,13 @@ class StabilityReport:
             "warnings": list(self.warnings),
         }
 
+    @classmethod
+    def from_json(cls, data: dict) -> "StabilityReport":
+        """Inverse of :meth:`to_json` (the descriptive ``ci_method`` / ``unstable_rule`` are dropped)."""
+        fields = {k: v for k, v in data.items() if k not in ("ci_method", "unstable_rule")}
+        fields["layers"] = [LayerStability(**layer) for layer in fields["layers"]]
+        return cls(**fields)
+
 
 # --------------------------------------------------------------------------- rank correlations
 
@@ -231,6 +238,7 @@ def bootstrap_stability(
     confidence: float = 0.95,
     seed: int = 0,
     full_selection: list[int] | None = None,
+    feature_norm: str = "none",
 ) -> StabilityReport:
     """Bootstrap the selection over samples, and compare a random half of the samples with all n.
 
@@ -238,6 +246,7 @@ def bootstrap_stability(
         reps: captured (n, d) block inputs/outputs, rows = samples.
         scorer_name: a name for :func:`lwlora.scoring.get_scorer` (``cka``, ``cka-debiased``, ...).
         policy: the selection policy applied to every replicate's importances.
+        feature_norm: as for :func:`lwlora.scoring.get_scorer` (``none`` or ``standardize``).
         replicates: number of bootstrap replicates R (>= 1).
         confidence: level c of the percentile interval, in (0, 1).
         seed: seeds a ``torch.Generator`` (CPU) that draws every replicate's rows and the half sample.
@@ -252,7 +261,7 @@ def bootstrap_stability(
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if not reps.inputs:
         raise ValueError("no block representations to resample")
-    scorer = get_scorer(scorer_name)
+    scorer = get_scorer(scorer_name, feature_norm=feature_norm)
     n = reps.num_samples
     if n < scorer.min_samples:
         raise ValueError(f"the {scorer_name} scorer needs at least {scorer.min_samples} samples, got {n}")

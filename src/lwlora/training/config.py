@@ -11,7 +11,8 @@ from typing import Any, Literal
 from lwlora.errors import ConfigError
 
 TRAIN_METHODS = ("lora", "pissa", "dora", "rslora", "olora", "full")
-LAYER_CHOICES = ("cka", "all", "random", "first", "last")
+#: ``--layers``: a scorer (measured) or a rule; see lwlora.training.layers.
+LAYER_CHOICES = ("cka", "cka-debiased", "bi", "angular", "fim", "gradnorm", "all", "random", "first", "last")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
 #: Fields that define *what* a run trains; resuming a run directory with other values is refused.
@@ -26,7 +27,7 @@ class TrainConfig:
     data: str | None = None
     # which blocks get adapters
     selection: str | None = None  # a selection.json (or the directory holding it)
-    layers: str = "cka"  # cka | all | random | first | last | 0,3,5
+    layers: str = "cka"  # a scorer (cka, cka-debiased, bi, angular, fim, gradnorm), a rule (all, random, first, last) or 0,3,5
     ratio: float | None = None
     num_layers: int | None = None
     # adapters

@@ -1,6 +1,8 @@
 """Which blocks a training run adapts (``lwlora train --layers``), as a ``LayerSelection``.
 
-- ``cka``: measured, by ``lwlora.select`` on the task's own training inputs (the paper's method);
+- ``cka``: measured, by ``lwlora.select`` on the task's own training inputs (the paper's method;
+  ``--scorer`` picks the similarity); any scorer name directly: ``cka-debiased``, ``bi``,
+  ``angular``, and the gradient scores ``fim`` / ``gradnorm`` (on the task's labelled inputs);
 - ``all``: every block (all-layer LoRA, the paper's main baseline);
 - ``random``: k blocks drawn with ``--seed``; ``first`` / ``last``: the k lowest / highest blocks;
 - ``0,3,5``: exactly those blocks; ``--selection FILE``: a saved ``selection.json``.
@@ -10,7 +12,6 @@ k is floor(ratio × L) with ``--ratio`` (default 0.5) or ``--num-layers``.
 
 from __future__ import annotations
 
-import random
 from datetime import datetime, timezone
 from typing import Any
 
@@ -19,7 +20,8 @@ from torch import nn
 from lwlora.blocks import BlockStack
 from lwlora.data import TextSamples
 from lwlora.errors import ConfigError
-from lwlora.policy import SelectionPolicy, select_blocks
+from lwlora.gradient_scores import GRADIENT_SCORERS
+from lwlora.policy import RULES, SelectionPolicy, rule_blocks, select_blocks
 from lwlora.selection import LayerRecord, LayerSelection
 
 
@@ -46,15 +48,41 @@ def unscored_selection(config: Any, stack: BlockStack, model_kind: str, selected
     )
 
 
+def _similarity_selection(config: Any, model: nn.Module, tokenizer: Any, model_kind: str, samples: TextSamples, *, scorer: str) -> LayerSelection:
+    """``lwlora select`` with the run's selection options, on the task's own training inputs."""
+    from lwlora.select import SelectConfig, select_layers
+
+    select_config = SelectConfig(
+        model=config.model,
+        data=config.data or config.task,
+        num_samples=config.num_samples,
+        ratio=config.ratio,
+        num_layers=config.num_layers,
+        scorer=scorer,
+        pooling=config.pooling,
+        feature_norm=config.feature_norm,
+        degenerate_fallback=config.degenerate_fallback,
+        batch_size=config.select_batch_size,
+        max_length=config.max_length,
+        gguf_file=config.gguf_file,
+        layers_path=config.layers_path,
+        preset=config.preset,
+        seed=config.seed,
+        progress=config.progress,
+    )
+    return select_layers(select_config, model=model, tokenizer=tokenizer, model_kind=model_kind, samples=samples)
+
+
 def choose_layers(
     config: Any,
     model: nn.Module,
     tokenizer: Any,
     stack: BlockStack,
     model_kind: str,
-    samples: TextSamples,
+    task: Any,
 ) -> LayerSelection:
     """Resolve ``config.selection`` / ``config.layers`` (see the module docstring) on ``stack``."""
+    samples = task.selection_texts
     num_layers = stack.num_layers
     if config.selection is not None:
         try:
@@ -65,39 +93,15 @@ def choose_layers(
             raise ConfigError("--selection", f"{config.selection} is for {selection.num_layers} blocks; this model has {num_layers}")
         return selection
     if config.layers == "cka":
-        from lwlora.select import SelectConfig, select_layers
-
-        select_config = SelectConfig(
-            model=config.model,
-            data=config.data or config.task,
-            num_samples=config.num_samples,
-            ratio=config.ratio,
-            num_layers=config.num_layers,
-            scorer=config.scorer,
-            pooling=config.pooling,
-            feature_norm=config.feature_norm,
-            degenerate_fallback=config.degenerate_fallback,
-            batch_size=config.select_batch_size,
-            max_length=config.max_length,
-            gguf_file=config.gguf_file,
-            layers_path=config.layers_path,
-            preset=config.preset,
-            seed=config.seed,
-            progress=config.progress,
-        )
-        return select_layers(select_config, model=model, tokenizer=tokenizer, model_kind=model_kind, samples=samples)
+        return _similarity_selection(config, model, tokenizer, model_kind, samples, scorer=config.scorer)
     if config.layer_indices is not None:
         selected, _ = select_blocks([None] * num_layers, SelectionPolicy(layers=config.layer_indices))
         return unscored_selection(config, stack, model_kind, selected, "explicit")
-    count = SelectionPolicy(ratio=config.ratio, num_layers=config.num_layers).target_count(num_layers)
-    if config.layers == "all":
-        selected = list(range(num_layers))
-    elif config.layers == "first":
-        selected = list(range(count))
-    elif config.layers == "last":
-        selected = list(range(num_layers - count, num_layers))
-    elif config.layers == "random":
-        selected = sorted(random.Random(config.seed).sample(range(num_layers), count))
-    else:  # validated by TrainConfig
-        raise ConfigError("--layers", f"unknown layer rule {config.layers!r}")
-    return unscored_selection(config, stack, model_kind, selected, config.layers)
+    policy = SelectionPolicy(ratio=config.ratio, num_layers=config.num_layers)
+    if config.layers in RULES:
+        return unscored_selection(config, stack, model_kind, rule_blocks(config.layers, num_layers, policy, seed=config.seed), config.layers)
+    if config.layers in GRADIENT_SCORERS:
+        from lwlora.training.gradient_selection import gradient_selection
+
+        return gradient_selection(config, model, task, stack, model_kind, policy)
+    return _similarity_selection(config, model, tokenizer, model_kind, samples, scorer=config.layers)

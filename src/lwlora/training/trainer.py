@@ -244,7 +244,7 @@ def train(config: TrainConfig) -> TrainResult:
     elif config.method == "full":
         selection = unscored_selection(config, stack, model_kind, list(range(stack.num_layers)), "all")
     else:
-        selection = choose_layers(config, model, tokenizer, stack, model_kind, task.selection_texts)
+        selection = choose_layers(config, model, tokenizer, stack, model_kind, task)
 
     if config.method == "full":
         for param in model.parameters():
