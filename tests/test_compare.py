@@ -23,7 +23,7 @@ from lwlora.compare import (
 )
 from lwlora.errors import ConfigError
 
-FAST = dict(num_samples=16, batch_size=4, max_length=32, device="cpu", progress=False)
+FAST = {"num_samples": 16, "batch_size": 4, "max_length": 32, "device": "cpu", "progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +183,14 @@ def test_cli_bad_inputs_fail_before_writing(tiny_bert_dir, labelled_dir, tmp_pat
     with pytest.raises(ConfigError) as info:
         compare_selections(str(tiny_bert_dir), str(labelled_dir), ["cka", "gone"], **FAST)
     assert info.value.flag == "--methods"
+
+
+def test_compare_through_the_lwlora_entry_point(tiny_bert_dir, labelled_dir, tmp_path, capsys):
+    from lwlora import cli
+
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", str(tiny_bert_dir), "--data", str(labelled_dir), "--out", str(out), "--methods", "cka,last", "--num-layers", "1", "--num-samples", "12", "--device", "cpu", "--no-progress"]) == 0
+    assert (out / "comparison.json").is_file()
+    assert cli.main(["compare", str(tiny_bert_dir), "--data", str(labelled_dir), "--out", str(tmp_path / "bad"), "--methods", "cka,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "lwlora compare: error: --methods" in err and not (tmp_path / "bad").exists()

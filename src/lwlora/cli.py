@@ -357,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_eval(subparsers)
     _add_run(subparsers)
+    from lwlora.compare import add_compare_parser
+
+    add_compare_parser(subparsers)
     return parser
 
 

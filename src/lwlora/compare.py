@@ -309,12 +309,12 @@ def train_comparison(
     seeds = parse_seeds(seeds)
     task = task or ("classification" if result.settings.get("model_kind") == "encoder" else "instruction")
     out = Path(out)
-    common = dict(
-        model=result.model, task=task, data=result.data, layers="cka", epochs=epochs, max_steps=max_steps, lr=lr, r=r, alpha=alpha,
-        method=method, batch_size=train_batch_size, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
-        target_modules=target_modules, max_length=max_length, device=device, text_column=text_column,
-        text_pair_column=text_pair_column, label_column=label_column, overwrite=overwrite, progress=progress,
-    )
+    common = {
+        "model": result.model, "task": task, "data": result.data, "layers": "cka", "epochs": epochs, "max_steps": max_steps, "lr": lr, "r": r, "alpha": alpha,
+        "method": method, "batch_size": train_batch_size, "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples,
+        "target_modules": target_modules, "max_length": max_length, "device": device, "text_column": text_column,
+        "text_pair_column": text_pair_column, "label_column": label_column, "overwrite": overwrite, "progress": progress,
+    }
     paths = {m: out / "selections" / f"{m}.json" for m in result.selections}
     # validate every config (TrainConfig checks its flags) before any run starts
     configs = [
