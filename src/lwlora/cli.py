@@ -55,6 +55,11 @@ def _add_select(subparsers) -> None:
     count.add_argument("--ratio", type=float, help="select floor(ratio x L) blocks (default 0.5, the paper's rule)")
     count.add_argument("--num-layers", type=int, help="select this many blocks")
     count.add_argument("--layers", type=_int_list("--layers"), help="explicit blocks, e.g. 0,3,5 (scores are still reported)")
+    count.add_argument("--param-budget", type=float, help="select by adapter parameters: a fraction (<= 1) of all-layer LoRA's, or a count")
+    count.add_argument("--auto", action="store_true", help="select as many blocks as the importance curve's knee suggests")
+    p.add_argument("--prefer-shallow", type=float, metavar="LOSS", help="prefer a deeper lowest adapted block (cheaper backward) at up to this share of lost total importance")
+    p.add_argument("--r", type=int, default=8, help="adapter rank assumed by --param-budget and the cost report (default 8)")
+    p.add_argument("--target-modules", default="auto", help="adapter targets assumed by --param-budget and the cost report (default auto)")
     p.add_argument("--include", type=_int_list("--include"), default=(), help="blocks always selected, e.g. 0,1")
     p.add_argument("--exclude", type=_int_list("--exclude"), default=(), help="blocks never selected")
     p.add_argument("--scorer", default="cka", choices=list(ALL_SCORERS), help="cka (default), cka-debiased, bi, angular; fim, gradnorm (gradient probes: need labels); all, first, last, random (rules)")
@@ -117,6 +122,11 @@ def _run_select(args: argparse.Namespace) -> int:
         feature_norm=args.feature_norm,
         degenerate_fallback=args.degenerate_fallback,
         bootstrap=args.bootstrap,
+        param_budget=args.param_budget,
+        auto=args.auto,
+        prefer_shallow=args.prefer_shallow,
+        r=args.r,
+        target_modules=args.target_modules,
         task=args.task,
         label_column=args.label_column,
         instruction_field=args.instruction_field,
@@ -168,6 +178,8 @@ TRAIN_HELP = {
     "resume": "continue the run in --out from its last checkpoint",
     "overwrite": "replace the run in --out",
     "merge": "also save base + adapter merged into RUN/merged",
+    "budget_from_ratio": "with --layers all: every block at the rank whose adapter parameters equal floor(ratio x L) blocks at --r (the equal-budget baseline)",
+    "rank_allocation": "uniform (--r everywhere) or importance (ranks grow with block importance, same total)",
     "choice_mode": "multiple-choice evaluation: letter (generated) or loglik (most likely option letter)",
     "num_samples": "selection samples for --layers cka (default 128)",
     "preset": "selection preset for --layers cka: paper",

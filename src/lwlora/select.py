@@ -20,6 +20,14 @@ import torch
 from torch import nn
 
 from lwlora.blocks import BlockStack, resolve_block_stack
+from lwlora.budget import (
+    auto_count,
+    knee_curve,
+    lora_params_per_block,
+    prefer_shallow,
+    select_by_param_budget,
+    selection_cost,
+)
 from lwlora.capture import POOLINGS, BlockRepresentations, capture_block_representations
 from lwlora.data import TextSamples, load_text_samples
 from lwlora.errors import ConfigError
@@ -64,6 +72,13 @@ class SelectConfig:
     feature_norm: Literal["none", "standardize"] = "none"
     degenerate_fallback: Literal["exclude", "mean"] = "exclude"
     bootstrap: int = 0  # replicates for the stability report (0: none)
+    # count by parameter budget / automatically / preferring a shallow backward (issue: budgets)
+    param_budget: float | None = None  # <= 1: fraction of all-layer LoRA parameters; > 1: a count
+    auto: bool = False  # stop where the sorted importance curve bends (lwlora.budget.auto_count)
+    prefer_shallow: float | None = None  # allowed loss of total importance for a deeper lowest block
+    # the adapter the budget and the cost report assume
+    r: int = 8
+    target_modules: str = "auto"
     # gradient scorers (fim, gradnorm) need labelled inputs: the task and its columns/fields
     task: str | None = None
     label_column: str | None = None
@@ -108,6 +123,15 @@ class SelectConfig:
         if self.preset == "paper" and (self.layers is not None or self.include or self.exclude):
             raise ConfigError("--preset", "paper fixes the exclusions itself; drop --layers/--include/--exclude")
         self.policy_for("decoder")  # validates ratio / num_layers / include / exclude early
+        counts = [flag for flag, given in (("--ratio", self.ratio is not None), ("--num-layers", self.num_layers is not None), ("--layers", self.layers is not None), ("--param-budget", self.param_budget is not None), ("--auto", self.auto)) if given]
+        if len(counts) > 1:
+            raise ConfigError(counts[-1], f"give only one of {', '.join(counts)}")
+        if self.param_budget is not None and not self.param_budget > 0:
+            raise ConfigError("--param-budget", f"must be positive (a fraction <= 1 of all-layer LoRA parameters, or a count), got {self.param_budget}")
+        if self.prefer_shallow is not None and not 0 <= self.prefer_shallow < 1:
+            raise ConfigError("--prefer-shallow", f"must be in [0, 1): the share of total importance one may give up, got {self.prefer_shallow}")
+        if self.r < 1:
+            raise ConfigError("--r", f"must be at least 1, got {self.r}")
 
     def policy_for(self, model_kind: str) -> SelectionPolicy:
         if self.preset == "paper":
@@ -244,6 +268,41 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def adapter_targets(stack: BlockStack, target_modules: str) -> tuple[list[str], bool]:
+    """(module names, exact?) the adapters target: every linear layer of the blocks for ``auto``,
+    else the comma-separated names, matched as PEFT matches them (name or name ending)."""
+    if target_modules == "auto":
+        return stack.block_linear_modules(), True
+    return [t.strip() for t in target_modules.split(",") if t.strip()], False
+
+
+def select_with_budget(importances: list[float | None], policy: SelectionPolicy, stack: BlockStack, config: SelectConfig, suffixes: list[str], exact: bool) -> tuple[list[int], list[str], dict[str, Any]]:
+    """Apply ``policy``, or the budget options that replace its count (``--param-budget``,
+    ``--auto``), then ``--prefer-shallow``. Returns (selected, warnings, diagnostics)."""
+    info: dict[str, Any] = {}
+    allowed = [None if i in policy.exclude else v for i, v in enumerate(importances)]
+    if config.param_budget is not None:
+        block_params = lora_params_per_block(stack, suffixes, config.r, exact=exact)
+        budget_params = [p if i not in policy.exclude else sum(block_params) + 1 for i, p in enumerate(block_params)]
+        try:
+            selected = select_by_param_budget(allowed, budget_params, config.param_budget, all_layer_params=sum(block_params))
+        except ValueError as exc:
+            raise ConfigError("--param-budget", str(exc)) from None
+        info["param_budget"] = {"budget": config.param_budget, "block_params": block_params, "selected_params": sum(block_params[i] for i in selected), "all_layer_params": sum(block_params)}
+        warnings: list[str] = []
+    else:
+        if config.auto:
+            count = auto_count(allowed)
+            policy = dataclasses.replace(policy, num_layers=count, ratio=None)
+            info["auto"] = knee_curve(allowed).to_json()
+        selected, warnings = select_blocks(importances, policy)
+    if config.prefer_shallow is not None:
+        shallow = prefer_shallow(allowed, len(selected), max_importance_loss=config.prefer_shallow)
+        info["prefer_shallow"] = {"max_importance_loss": config.prefer_shallow, "top_k": selected, "chosen": shallow}
+        selected = shallow
+    return sorted(selected), warnings, info
+
+
 #: CKA at or above this is "the block barely changes its input" to within the noise of a few
 #: hundred samples; a ranking among such blocks rests on ties (massive activations, see
 #: similarity.standardize_features).
@@ -337,7 +396,9 @@ def select_layers(
         LayerRecord(index=i, cka=s.similarity if is_cka else None, similarity=s.similarity, importance=s.importance, degenerate=s.degenerate, reason=s.reason, fallback=s.fallback)
         for i, s in enumerate(scores)
     ]
-    selected, warnings = select_blocks([r.importance for r in records], policy)
+    importances = [r.importance for r in records]
+    suffixes, exact = adapter_targets(stack, config.target_modules)
+    selected, warnings, budget_info = select_with_budget(importances, policy, stack, config, suffixes, exact)
     for record in reversed(records):
         if record.fallback == "mean":
             warnings.insert(0, f"block {record.index}: {record.reason}")
@@ -348,6 +409,7 @@ def select_layers(
     if is_cka:
         diagnostics, tie_warnings = near_identity_diagnostics(reps, records, policy, config, selected)
         warnings += tie_warnings
+    diagnostics.update(budget_info)
     if config.bootstrap:
         from lwlora.stability import bootstrap_stability
 
@@ -378,6 +440,7 @@ def select_layers(
         selected=selected,
         warnings=warnings,
         diagnostics=diagnostics,
+        cost=selection_cost(stack, selected, suffixes, config.r, exact=exact, hidden_size=getattr(model.config, "hidden_size", None), seq_len=config.max_length).to_json(),
         feature_norm=config.feature_norm,
         versions=library_versions(),
         timings={k: round(v, 4) for k, v in timings.items()},

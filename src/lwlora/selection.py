@@ -13,7 +13,7 @@ Schema (version 1)::
       "layers": [{"index": 0, "cka": null, "similarity": null, "importance": null,
                   "degenerate": true, "reason": "...", "fallback": null}, ...],
       "selected": [1, 3, 5], "one_hot": "010101",
-      "warnings": [...], "diagnostics": {...}, "versions": {...}, "timings": {...}, "created": "<ISO 8601>"
+      "warnings": [...], "diagnostics": {...}, "cost": {...}, "versions": {...}, "timings": {...}, "created": "<ISO 8601>"
     }
 
 ``cka`` holds the CKA value for the CKA scorers and ``null`` for the cosine scorers, whose raw
@@ -69,6 +69,8 @@ class LayerSelection:
     warnings: list[str] = field(default_factory=list)
     #: extra evidence: near-identity ties, the selection under the other feature normalisation, ...
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    #: lwlora.budget.SelectionCost of the selection (at the adapter rank/targets it assumed)
+    cost: dict[str, Any] = field(default_factory=dict)
     feature_norm: str = "none"
     versions: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -119,6 +121,7 @@ class LayerSelection:
             "one_hot": self.one_hot,
             "warnings": data["warnings"],
             "diagnostics": data["diagnostics"],
+            "cost": data["cost"],
             "versions": data["versions"],
             "timings": data["timings"],
             "created": data["created"],

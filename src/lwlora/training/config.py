@@ -36,6 +36,9 @@ class TrainConfig:
     alpha: float | None = None  # default 2 r
     dropout: float = 0.05
     target_modules: str = "auto"  # auto or comma-separated module names
+    # equal-budget baseline and importance-weighted ranks (lwlora.budget)
+    budget_from_ratio: float | None = None  # with --layers all: rank scaled to the budget of floor(ratio x L) blocks
+    rank_allocation: Literal["uniform", "importance"] = "uniform"
     # optimisation
     epochs: float = 3.0
     max_steps: int | None = None
@@ -115,6 +118,15 @@ class TrainConfig:
             raise ConfigError("--weight-decay", f"must be >= 0, got {self.weight_decay}")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError("--scheduler", f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if self.budget_from_ratio is not None:
+            if not 0 < self.budget_from_ratio <= 1:
+                raise ConfigError("--budget-from-ratio", f"must be in (0, 1], got {self.budget_from_ratio}")
+            if self.layers != "all":
+                raise ConfigError("--budget-from-ratio", "applies to --layers all (every block at the rank that matches the ratio's parameter budget)")
+        if self.rank_allocation not in ("uniform", "importance"):
+            raise ConfigError("--rank-allocation", f"must be 'uniform' or 'importance', got {self.rank_allocation!r}")
+        if self.rank_allocation == "importance" and self.method == "full":
+            raise ConfigError("--rank-allocation", "applies to adapters, not --method full")
         if self.choice_mode not in ("letter", "loglik"):
             raise ConfigError("--choice-mode", f"must be 'letter' or 'loglik', got {self.choice_mode!r}")
         if self.bf16 and self.fp16:

@@ -27,8 +27,10 @@ from lwlora.selection import LayerRecord, LayerSelection
 
 def unscored_selection(config: Any, stack: BlockStack, model_kind: str, selected: list[int], rule: str) -> LayerSelection:
     """A ``LayerSelection`` made by a rule rather than by scores (every importance ``None``)."""
-    from lwlora.select import library_versions
+    from lwlora.budget import selection_cost
+    from lwlora.select import adapter_targets, library_versions
 
+    suffixes, exact = adapter_targets(stack, getattr(config, "target_modules", "auto"))
     return LayerSelection(
         model=config.model,
         gguf_file=config.gguf_file,
@@ -43,6 +45,7 @@ def unscored_selection(config: Any, stack: BlockStack, model_kind: str, selected
         layers=[LayerRecord(index=i, cka=None, similarity=None, importance=None, degenerate=False) for i in range(stack.num_layers)],
         selected=selected,
         policy={"rule": rule, "ratio": config.ratio, "num_layers": config.num_layers, "seed": config.seed},
+        cost=selection_cost(stack, selected, suffixes, getattr(config, "r", 8), exact=exact, seq_len=getattr(config, "max_length", 512)).to_json(),
         versions=library_versions(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

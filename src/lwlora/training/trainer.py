@@ -197,6 +197,40 @@ def _peak_memory() -> dict[str, Any]:
     return {"peak_memory_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak_memory_kind": "host_max_rss"}
 
 
+def plan_ranks(config: TrainConfig, selection: Any, stack: Any, model: nn.Module, tokenizer: Any, model_kind: str, task: Any) -> dict[str, Any]:
+    """The adapter ranks of a run: uniform ``--r``; with ``--budget-from-ratio`` (and ``--layers
+    all``) the rank that gives every block the parameters of floor(ratio × L) blocks at ``--r``;
+    with ``--rank-allocation importance`` per-block ranks growing with importance at the same
+    total (Σ r_i = r × selected blocks; lwlora.budget.importance_rank_pattern), α/r kept."""
+    from lwlora.budget import (
+        alpha_pattern_for_peft,
+        equal_budget_rank,
+        importance_rank_pattern,
+        rank_pattern_for_peft,
+    )
+
+    r = config.r
+    alpha = 2 * config.r if config.alpha is None else config.alpha
+    if config.budget_from_ratio is not None:
+        kept = max(1, math.floor(config.budget_from_ratio * stack.num_layers))
+        r_budget = equal_budget_rank(config.r, kept, stack.num_layers)
+        alpha, r = alpha * r_budget / r, r_budget
+    plan: dict[str, Any] = {"r": r, "alpha": alpha, "ranks": None, "peft_patterns": {}}
+    if config.rank_allocation == "importance":
+        importances = selection.importances
+        if all(importances[i] is None for i in selection.selected):  # a rule-made selection: measure
+            from lwlora.training.layers import _similarity_selection
+
+            scored = _similarity_selection(dataclasses.replace(config, ratio=None, num_layers=stack.num_layers), model, tokenizer, model_kind, task.selection_texts, scorer=config.scorer)
+            importances = scored.importances
+            selection.diagnostics["rank_allocation_scores"] = {"scorer": config.scorer, "importances": importances}
+        ranks = importance_rank_pattern(importances, selection.selected, r * len(selection.selected))
+        plan["ranks"] = ranks
+        plan["peft_patterns"] = {"rank_pattern": rank_pattern_for_peft(stack.path, ranks, r), "alpha_pattern": alpha_pattern_for_peft(stack.path, ranks, alpha / r)}
+        selection.diagnostics["rank_allocation"] = {"rule": "importance", "total_rank": r * len(selection.selected), "ranks": {str(k): v for k, v in ranks.items()}}
+    return plan
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Select (if asked), train, evaluate and write RUN; see ``lwlora.training.run_dir``."""
     from peft import PeftModel
@@ -249,9 +283,12 @@ def train(config: TrainConfig) -> TrainResult:
     if config.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
+        ranks = None
     else:
         task_type = "CAUSAL_LM" if task.kind == "causal_lm" else "SEQ_CLS"
-        model = apply_selection(model, selection, method=config.method, r=config.r, alpha=config.alpha, dropout=config.dropout, target_modules=config.target_modules, task_type=task_type)
+        plan = plan_ranks(config, selection, stack, model, tokenizer, model_kind, task)
+        ranks = plan["ranks"]
+        model = apply_selection(model, selection, method=config.method, r=plan["r"], alpha=plan["alpha"], dropout=config.dropout, target_modules=config.target_modules, task_type=task_type, **plan["peft_patterns"])
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     params = count_parameters(model)
@@ -312,6 +349,8 @@ def train(config: TrainConfig) -> TrainResult:
         "num_layers": selection.num_layers,
         "lowest_adapted_block": min(selection.selected) if selection.selected else None,
         "params": params,
+        "adapter_rank": None if config.method == "full" else {"r": plan_r(model), "per_block": ranks},
+        "cost": run_cost(config, selection, model, params, ranks),
         "train": {
             "runtime_s": round(train_seconds, 3),
             "global_step": trainer.state.global_step,
@@ -328,6 +367,28 @@ def train(config: TrainConfig) -> TrainResult:
     atomic_write_json(run / "metrics.json", _json_safe(metrics))
     plot_loss_curve(history, run / "loss_curve.png", title=f"{config.task} · {config.method} · blocks {selection.selected}")
     return TrainResult(run_dir=run, metrics=metrics, selection=selection, model=model, tokenizer=tokenizer, task=task)
+
+
+def plan_r(model: nn.Module) -> int | None:
+    config = getattr(model, "peft_config", {}).get("default")
+    return getattr(config, "r", None)
+
+
+def run_cost(config: TrainConfig, selection: Any, model: nn.Module, params: dict[str, int], ranks: dict[int, int] | None) -> dict[str, Any]:
+    """lwlora.budget.SelectionCost of the trained selection, with the run's real head size."""
+    from lwlora.budget import selection_cost
+    from lwlora.select import adapter_targets
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if config.method == "full":
+        return {"full_fine_tuning": True, "trainable_params": params["trainable"]}
+    from lwlora.peft_bridge import locate_stack
+
+    stack = locate_stack(base, selection)
+    suffixes, exact = adapter_targets(stack, config.target_modules)
+    r = plan_r(model) or config.r
+    cost = selection_cost(stack, selection.selected, suffixes, r, exact=exact, head_params=params["head"], hidden_size=getattr(base.config, "hidden_size", None), seq_len=config.max_length, batch_size=config.batch_size, rank_pattern=ranks)
+    return cost.to_json()
 
 
 def _json_safe(value: Any) -> Any:
