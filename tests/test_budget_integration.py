@@ -94,3 +94,10 @@ def test_importance_weighted_ranks_keep_the_total(tiny_bert_dir, labelled, tmp_p
     assert [ranks[i] for i in order] == sorted(ranks.values())  # rank grows with importance
     assert {int(k): v for k, v in result.metrics["adapter_rank"]["per_block"].items()} == ranks
     assert result.metrics["cost"]["adapter_params"] == result.metrics["params"]["adapter"]
+
+
+def test_train_with_a_parameter_budget(tiny_bert_dir, labelled, tmp_path):
+    result = train(base_config(tiny_bert_dir, labelled, tmp_path / "run", layers="cka", param_budget=0.7, pooling="mean", target_modules="query,value"))
+    info = result.selection.diagnostics["param_budget"]
+    assert info["selected_params"] <= 0.7 * info["all_layer_params"] and len(result.selection.selected) == 2
+    assert result.metrics["params"]["adapter"] == info["selected_params"]

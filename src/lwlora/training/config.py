@@ -72,6 +72,9 @@ class TrainConfig:
     feature_norm: str = "none"
     degenerate_fallback: str = "exclude"
     num_samples: int = 128
+    param_budget: float | None = None
+    auto: bool = False
+    prefer_shallow: float | None = None
     select_batch_size: int = 8
     preset: str | None = None
     layers_path: str | None = None

@@ -30,7 +30,7 @@ def unscored_selection(config: Any, stack: BlockStack, model_kind: str, selected
     from lwlora.budget import selection_cost
     from lwlora.select import adapter_targets, library_versions
 
-    suffixes, exact = adapter_targets(stack, getattr(config, "target_modules", "auto"))
+    suffixes, exact = adapter_targets(stack, config.target_modules)
     return LayerSelection(
         model=config.model,
         gguf_file=config.gguf_file,
@@ -45,7 +45,7 @@ def unscored_selection(config: Any, stack: BlockStack, model_kind: str, selected
         layers=[LayerRecord(index=i, cka=None, similarity=None, importance=None, degenerate=False) for i in range(stack.num_layers)],
         selected=selected,
         policy={"rule": rule, "ratio": config.ratio, "num_layers": config.num_layers, "seed": config.seed},
-        cost=selection_cost(stack, selected, suffixes, getattr(config, "r", 8), exact=exact, seq_len=getattr(config, "max_length", 512)).to_json(),
+        cost=selection_cost(stack, selected, suffixes, config.r, exact=exact, seq_len=config.max_length).to_json(),
         versions=library_versions(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
@@ -65,6 +65,11 @@ def _similarity_selection(config: Any, model: nn.Module, tokenizer: Any, model_k
         pooling=config.pooling,
         feature_norm=config.feature_norm,
         degenerate_fallback=config.degenerate_fallback,
+        param_budget=config.param_budget,
+        auto=config.auto,
+        prefer_shallow=config.prefer_shallow,
+        r=config.r,
+        target_modules=config.target_modules,
         batch_size=config.select_batch_size,
         max_length=config.max_length,
         gguf_file=config.gguf_file,
