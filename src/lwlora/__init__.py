@@ -39,6 +39,13 @@ _EXPORTS = {
     "select_layers": "lwlora.select",
     "score_layers": "lwlora.select",
     "ConfigError": "lwlora.errors",
+    "TrainConfig": "lwlora.training.config",
+    "train": "lwlora.training.trainer",
+    "evaluate": "lwlora.training.evaluate",
+    "load_task": "lwlora.tasks",
+    "compare_selections": "lwlora.compare",
+    "bootstrap_stability": "lwlora.stability",
+    "block_gradient_scores": "lwlora.gradient_scores",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

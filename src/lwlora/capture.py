@@ -49,7 +49,6 @@ def pool(hidden: Tensor, mask: Tensor | None, pooling: str) -> Tensor:
     if hidden.ndim != 3:
         raise ValueError(f"expected block states of shape (batch, tokens, features), got {tuple(hidden.shape)}")
     batch, tokens, _ = hidden.shape
-    hidden = hidden.float()
     if mask is None:
         real = torch.ones(batch, tokens, dtype=torch.bool, device=hidden.device)
     else:
@@ -62,15 +61,18 @@ def pool(hidden: Tensor, mask: Tensor | None, pooling: str) -> Tensor:
     if not bool(real.any(dim=1).all()):
         raise ValueError("a sample has no real (non-padding) token")
     rows = torch.arange(batch, device=hidden.device)
+    # Pick the rows first and convert only them: converting all (B, T, D) states to fp32 would
+    # cost as much memory traffic as a small layer.
     if pooling == "cls":
         first = real.int().argmax(dim=1)  # argmax returns the first maximal index
-        return hidden[rows, first]
+        return hidden[rows, first].float()
     if pooling == "last":
         last = tokens - 1 - real.flip(dims=[1]).int().argmax(dim=1)
-        return hidden[rows, last]
+        return hidden[rows, last].float()
     if pooling == "mean":
-        weights = real.unsqueeze(-1).float()
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+        weights = real.float().unsqueeze(1)  # (B, 1, T)
+        summed = torch.bmm(weights, hidden.float()).squeeze(1)  # (B, 1, T) @ (B, T, D), in fp32
+        return summed / real.sum(dim=1, keepdim=True).float()
     raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
 
 
