@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
 
 from torch import nn
 
 from lwlora.errors import ConfigError
 
-Tower = Literal["language", "vision", "audio"]
 TOWERS: tuple[str, ...] = ("language", "vision", "audio")
 
 #: model_type -> {tower: layers_path} for models whose stack cannot be inferred generically.
@@ -176,16 +174,3 @@ def resolve_block_stack(model: nn.Module, *, layers_path: str | None = None, tow
         f"{type(model).__name__} has {len(in_tower)} {tower}-tower block stacks: {_format_candidates(in_tower)}. "
         "Pass --layers-path to pick one",
     )
-
-
-def block_index_of(module_name: str, stack_path_suffix: str) -> tuple[int, str] | None:
-    """Parse ``"<prefix.>{stack}.{i}.{rest}"`` into ``(i, rest)``; ``None`` if outside the stack.
-
-    ``stack_path_suffix`` is the stack path recorded in a selection (e.g. ``"layers"``); it matches
-    the same stack under a wrapper (``"model.layers"``, ``"base_model.model.model.layers"``).
-    """
-    pattern = re.compile(rf"(?:^|.*\.){re.escape(stack_path_suffix)}\.(\d+)(?:\.(.*))?$")
-    match = pattern.match(module_name)
-    if match is None:
-        return None
-    return int(match.group(1)), match.group(2) or ""

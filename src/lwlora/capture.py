@@ -20,14 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lwlora.blocks import BlockStack
 
-Pooling = Literal["cls", "last", "mean"]
 POOLINGS: tuple[str, ...] = ("cls", "last", "mean")
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
     from lwlora.selection import LayerSelection
 
-PeftMethod = Literal["lora", "pissa", "dora", "rslora", "olora"]
 METHODS: tuple[str, ...] = ("lora", "pissa", "dora", "rslora", "olora")
 
 
