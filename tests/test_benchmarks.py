@@ -40,3 +40,13 @@ def test_length_sorted_batches_keep_every_sample():
     kept = sorted(tuple(row[m.bool()].tolist()) for b in out for row, m in zip(b["input_ids"], b["attention_mask"]))
     assert kept == sorted(tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask))
     assert [b["input_ids"].shape[1] for b in out] == [4, 3, 2]
+
+
+def test_train_cost_benchmark_smoke(tmp_path):
+    bench = load_script("train_cost")
+    assert bench.main(["--case", "tiny", "--out", str(tmp_path / "cost")]) == 0
+    rows = json.loads((tmp_path / "cost.json").read_text())["results"]
+    by_name = {row["selection"]: row for row in rows}
+    assert set(by_name) == {"all", "cka50", "last50", "first50", "full"}
+    assert by_name["cka50"]["trainable_params"] * 2 == by_name["all"]["trainable_params"]
+    assert by_name["last50"]["lowest_adapted_block"] == 4 and by_name["full"]["trainable_params"] > by_name["all"]["trainable_params"]

@@ -1,0 +1,191 @@
+"""Training cost of a selection: step time, tokens/s and peak memory per adapted-block set.
+
+For one base model (random initialisation: cost does not depend on the weights), every selection
+gets adapters through lwlora's PEFT bridge (LoRA on every linear layer of the selected blocks),
+then a few AdamW steps on random token ids are timed (median after warm-up) and the peak device
+memory is read. Selections: all blocks (all-layer LoRA), ``cka50`` (a realistic CKA-50% pick for a
+decoder: the first L/2 − 1 blocks plus the last, as the paper reports), ``last50``, ``first50``, and
+full fine-tuning. Ratios are to all-layer LoRA.
+
+    python benchmarks/train_cost.py --case llama7b --device cuda --out benchmarks/results/train-cost-gpu
+    python benchmarks/train_cost.py --case tiny --out /tmp/train-cost     # CPU smoke
+
+Writes ``OUT.json`` and ``OUT.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from lwlora.blocks import resolve_block_stack  # noqa: E402
+from lwlora.peft_bridge import apply_selection  # noqa: E402
+from lwlora.selection import LayerRecord, LayerSelection  # noqa: E402
+
+
+@dataclass
+class Case:
+    name: str
+    seq_len: int
+    batch_size: int
+    r: int
+    steps: int
+    warmup: int
+
+
+CASES = {
+    "tiny": Case("tiny", 32, 4, 4, 3, 1),
+    "llama7b": Case("llama7b", 512, 4, 128, 6, 2),
+}
+
+
+def build_model(case: Case, device: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if case.name == "tiny":
+        config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2)
+        dtype = torch.float32
+    else:
+        config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+        dtype = torch.bfloat16
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.to(device)
+
+
+def selections(num_layers: int) -> dict[str, list[int] | None]:
+    half = num_layers // 2
+    return {
+        "all": list(range(num_layers)),
+        "cka50": list(range(half - 1)) + [num_layers - 1],
+        "last50": list(range(num_layers - half, num_layers)),
+        "first50": list(range(half)),
+        "full": None,
+    }
+
+
+def make_selection(stack, selected: list[int]) -> LayerSelection:
+    return LayerSelection(
+        model="benchmark",
+        layers_path=stack.path,
+        num_layers=stack.num_layers,
+        layers=[LayerRecord(index=i, cka=None, similarity=None, importance=None, degenerate=False) for i in range(stack.num_layers)],
+        selected=selected,
+        block_linear_modules=stack.block_linear_modules(),
+    )
+
+
+def time_steps(model, case: Case, device: str, vocab: int) -> dict:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (case.batch_size, case.seq_len), generator=g).to(device)
+    model.train()
+    times = []
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(case.warmup + case.steps):
+        started = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if step >= case.warmup:
+            times.append(time.perf_counter() - started)
+    step_s = statistics.median(times)
+    result = {
+        "step_s": step_s,
+        "tokens_per_s": case.batch_size * case.seq_len / step_s,
+        "trainable_params": sum(p.numel() for p in params),
+        "peak_memory_bytes": int(torch.cuda.max_memory_allocated()) if device.startswith("cuda") else None,
+    }
+    del optimizer
+    return result
+
+
+def bench(case: Case, device: str) -> list[dict]:
+    model = build_model(case, device)
+    vocab = model.config.vocab_size
+    stack = resolve_block_stack(model)
+    rows = []
+    for name, selected in selections(stack.num_layers).items():
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        if selected is None:
+            for p in model.parameters():
+                p.requires_grad_(True)
+            measured = time_steps(model, case, device, vocab)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            lowest = 0
+        else:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            peft_model = apply_selection(model, make_selection(stack, selected), r=case.r, alpha=case.r, target_modules="auto")
+            measured = time_steps(peft_model, case, device, vocab)
+            model = peft_model.unload()
+            stack = resolve_block_stack(model)
+            lowest = min(selected)
+        rows.append({"selection": name, "blocks": selected, "lowest_adapted_block": lowest, **measured})
+        print(json.dumps(rows[-1]), flush=True)
+    base = next(r for r in rows if r["selection"] == "all")
+    for row in rows:
+        row["step_time_ratio_to_all"] = row["step_s"] / base["step_s"]
+        if row["peak_memory_bytes"] and base["peak_memory_bytes"]:
+            row["peak_memory_ratio_to_all"] = row["peak_memory_bytes"] / base["peak_memory_bytes"]
+    return rows
+
+
+def markdown(case: Case, rows: list[dict], env: dict) -> str:
+    lines = [
+        f"Training cost, {case.name} (seq {case.seq_len}, batch {case.batch_size}, LoRA r {case.r} on all linear layers; {env['device']}{', ' + env['gpu'] if 'gpu' in env else ''}; torch {env['torch']}, transformers {env['transformers']})",
+        "",
+        "| selection | lowest block | trainable params | step s | tokens/s | peak memory | step / all-layer | memory / all-layer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mem = f"{r['peak_memory_bytes'] / 2**30:.1f} GiB" if r["peak_memory_bytes"] else "—"
+        mem_ratio = f"{r['peak_memory_ratio_to_all']:.2f}" if "peak_memory_ratio_to_all" in r else "—"
+        lines.append(f"| {r['selection']} | {r['lowest_adapted_block']} | {r['trainable_params']:,} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {mem} | {r['step_time_ratio_to_all']:.2f} | {mem_ratio} |")
+    lines += ["", f"Command: `{env['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import transformers
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=list(CASES), required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", required=True, help="output path without extension: OUT.json and OUT.md")
+    args = parser.parse_args(argv)
+    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__, "device": args.device, "command": " ".join(sys.argv)}
+    if args.device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(0)
+    case = CASES[args.case]
+    rows = bench(case, args.device)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"environment": env, "case": asdict(case), "results": rows}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(case, rows, env))
+    print(markdown(case, rows, env))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
