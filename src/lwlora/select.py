@@ -51,10 +51,6 @@ PRESETS = ("paper",)
 ALL_SCORERS: tuple[str, ...] = (*SCORERS, *GRADIENT_SCORERS, *RULES)
 
 
-class _RuleOrGradient:
-    min_samples = 1
-
-
 @dataclass(frozen=True)
 class SelectConfig:
     """Everything ``lwlora select`` takes; each field is the CLI flag of the same name."""
@@ -103,13 +99,13 @@ class SelectConfig:
         if self.scorer in RULES or self.scorer in GRADIENT_SCORERS:
             if self.feature_norm != "none":
                 raise ConfigError("--feature-norm", f"applies to the CKA scorers, not {self.scorer!r}")
-            scorer = _RuleOrGradient()
+            min_samples = 1
         else:
-            scorer = get_scorer(self.scorer, feature_norm=self.feature_norm)
+            min_samples = get_scorer(self.scorer, feature_norm=self.feature_norm).min_samples
         if self.degenerate_fallback not in ("exclude", "mean"):
             raise ConfigError("--degenerate-fallback", f"must be 'exclude' or 'mean', got {self.degenerate_fallback!r}")
-        if self.num_samples < scorer.min_samples:
-            raise ConfigError("--num-samples", f"the {self.scorer} scorer needs at least {scorer.min_samples} samples, got {self.num_samples}")
+        if self.num_samples < min_samples:
+            raise ConfigError("--num-samples", f"the {self.scorer} scorer needs at least {min_samples} samples, got {self.num_samples}")
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ConfigError("--pooling", f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
         if self.bootstrap < 0:

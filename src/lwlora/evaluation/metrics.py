@@ -247,3 +247,9 @@ def compute_metrics(
         fn = METRIC_FUNCTIONS[name]
         out[name] = fn(preds if name in _REGRESSION_METRICS else label_preds, refs)
     return out
+
+
+def predictions_from_logits(logits: Any, kind: str) -> np.ndarray:
+    """Model outputs (n, num_labels) → predictions: the (n,) scores for ``regression``, else argmax."""
+    logits = np.asarray(logits)
+    return np.squeeze(logits, axis=-1) if kind == "regression" else np.argmax(logits, axis=-1)

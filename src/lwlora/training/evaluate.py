@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -18,7 +17,7 @@ def evaluate_classification(model: nn.Module, task: Any, *, batch_size: int = 32
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from lwlora.evaluation.metrics import compute_metrics
+    from lwlora.evaluation.metrics import compute_metrics, predictions_from_logits
 
     device = next(p.device for p in model.parameters())
     results: dict[str, dict[str, float]] = {}
@@ -33,7 +32,7 @@ def evaluate_classification(model: nn.Module, task: Any, *, batch_size: int = 32
                 labels = batch.pop("labels")
                 with torch.inference_mode():
                     logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy()
-                predictions += (np.squeeze(logits, axis=-1) if task.kind == "regression" else np.argmax(logits, axis=-1)).tolist()
+                predictions += predictions_from_logits(logits, task.kind).tolist()
                 references += labels.tolist()
             results[name] = {**compute_metrics(task.metric_names, predictions, references), "n": len(references)}
     finally:

@@ -180,12 +180,12 @@ def _training_arguments(config: TrainConfig, run: Path, has_eval: bool):
 
 
 def _metrics_function(task: Any):
-    from lwlora.evaluation.metrics import compute_metrics
+    from lwlora.evaluation.metrics import compute_metrics, predictions_from_logits
 
     def compute(eval_prediction) -> dict[str, float]:
         logits = eval_prediction.predictions[0] if isinstance(eval_prediction.predictions, tuple) else eval_prediction.predictions
         labels = eval_prediction.label_ids
-        predictions = np.squeeze(logits, axis=-1) if task.kind == "regression" else np.argmax(logits, axis=-1)
+        predictions = predictions_from_logits(logits, task.kind)
         return compute_metrics(task.metric_names, predictions.tolist(), labels.tolist())
 
     return compute
