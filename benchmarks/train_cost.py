@@ -8,7 +8,12 @@ decoder: the first L/2 − 1 blocks plus the last, as the paper reports), ``last
 full fine-tuning. Ratios are to all-layer LoRA.
 
     python benchmarks/train_cost.py --case llama7b --device cuda --out benchmarks/results/train-cost-gpu
-    python benchmarks/train_cost.py --case tiny --out /tmp/train-cost     # CPU smoke
+    python benchmarks/train_cost.py --case roberta-base --device cuda --out benchmarks/results/train-cost-roberta-gpu
+    python benchmarks/train_cost.py --case tiny --out /tmp/train-cost     # CPU smoke (decoder)
+    python benchmarks/train_cost.py --case tiny-encoder --out /tmp/cost   # CPU smoke (encoder)
+
+The decoder cases train causal LM on random token ids; the encoder cases train sequence
+classification (2 labels, random labels) on random token ids, as GLUE fine-tuning does.
 
 Writes ``OUT.json`` and ``OUT.md``.
 """
@@ -42,25 +47,37 @@ class Case:
     r: int
     steps: int
     warmup: int
+    encoder: bool = False  # sequence classification (RoBERTa) instead of causal LM (Llama)
 
 
 CASES = {
     "tiny": Case("tiny", 32, 4, 4, 3, 1),
+    "tiny-encoder": Case("tiny-encoder", 32, 4, 4, 3, 1, encoder=True),
     "llama7b": Case("llama7b", 512, 4, 128, 6, 2),
+    "roberta-base": Case("roberta-base", 128, 32, 128, 10, 3, encoder=True),
 }
 
 
 def build_model(case: Case, device: str):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        LlamaConfig,
+        RobertaConfig,
+    )
 
     if case.name == "tiny":
         config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2)
-        dtype = torch.float32
-    else:
+    elif case.name == "tiny-encoder":
+        config = RobertaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4, max_position_embeddings=64)
+    elif case.name == "roberta-base":  # the roberta-base architecture
+        config = RobertaConfig(vocab_size=50265, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=514, type_vocab_size=1)
+    else:  # the Llama-2-7B architecture
         config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-        dtype = torch.bfloat16
+    dtype = torch.float32 if case.name.startswith("tiny") else torch.bfloat16
+    factory = AutoModelForSequenceClassification if case.encoder else AutoModelForCausalLM
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = factory.from_config(config, dtype=dtype)
     return model.to(device)
 
 
@@ -91,6 +108,7 @@ def time_steps(model, case: Case, device: str, vocab: int) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, vocab, (case.batch_size, case.seq_len), generator=g).to(device)
+    labels = torch.randint(0, 2, (case.batch_size,), generator=g).to(device) if case.encoder else ids
     model.train()
     times = []
     if device.startswith("cuda"):
@@ -98,7 +116,7 @@ def time_steps(model, case: Case, device: str, vocab: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     for step in range(case.warmup + case.steps):
         started = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -136,7 +154,7 @@ def bench(case: Case, device: str) -> list[dict]:
         else:
             for p in model.parameters():
                 p.requires_grad_(False)
-            peft_model = apply_selection(model, make_selection(stack, selected), r=case.r, alpha=case.r, target_modules="auto")
+            peft_model = apply_selection(model, make_selection(stack, selected), r=case.r, alpha=case.r, target_modules="auto", task_type="SEQ_CLS" if case.encoder else None)
             measured = time_steps(peft_model, case, device, vocab)
             model = peft_model.unload()
             stack = resolve_block_stack(model)

@@ -50,3 +50,80 @@ def test_train_cost_benchmark_smoke(tmp_path):
     assert set(by_name) == {"all", "cka50", "last50", "first50", "full"}
     assert by_name["cka50"]["trainable_params"] * 2 == by_name["all"]["trainable_params"]
     assert by_name["last50"]["lowest_adapted_block"] == 4 and by_name["full"]["trainable_params"] > by_name["all"]["trainable_params"]
+
+
+def test_train_cost_encoder_smoke(tmp_path):
+    bench = load_script("train_cost")
+    assert bench.main(["--case", "tiny-encoder", "--out", str(tmp_path / "cost")]) == 0
+    rows = {row["selection"]: row for row in json.loads((tmp_path / "cost.json").read_text())["results"]}
+    head = rows["cka50"]["trainable_params"] * 2 - rows["all"]["trainable_params"]  # the classifier head, trained in every LoRA run
+    assert 0 < head < rows["cka50"]["trainable_params"]
+    assert rows["full"]["trainable_params"] > rows["all"]["trainable_params"]
+
+
+def test_train_ddp_smoke_and_compare(tmp_path):
+    import subprocess
+
+    bench = load_script("train_ddp")
+    assert bench.main(["--case", "tiny", "--out", str(tmp_path / "one")]) == 0
+    single = json.loads((tmp_path / "one.json").read_text())
+    assert single["processes"] == 1 and single["gradient_accumulation"] == 2 and len(single["losses"]) == 6
+    # two gloo processes on the CPU, the same global batch: the loss curve must match
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "benchmarks" / "train_ddp.py"), "--case", "tiny", "--out", str(tmp_path / "two")]
+    subprocess.run(torchrun, check=True, capture_output=True, timeout=300)
+    assert bench.main(["--compare", str(tmp_path / "one.json"), str(tmp_path / "two.json"), "--out", str(tmp_path / "cmp")]) == 0
+    summary = json.loads((tmp_path / "cmp.json").read_text())["summary"]
+    assert summary["processes"] == 2
+    assert summary["max_rel_loss_difference"] < 1e-4
+    assert (tmp_path / "cmp.png").stat().st_size > 0 and "| 2 |" in (tmp_path / "cmp.md").read_text()
+    # the comparison refuses files in the wrong order
+    import pytest
+
+    with pytest.raises(SystemExit):
+        bench.main(["--compare", str(tmp_path / "two.json"), str(tmp_path / "one.json"), "--out", str(tmp_path / "bad")])
+
+
+def test_quality_benchmark_smoke(tmp_path, tiny_bert_dir, data_files):
+    """Three methods, one seed, two steps each on a tiny BERT: every run trains, the table and the
+    summary come out, and a second invocation reads the finished runs instead of retraining."""
+    from conftest import SENTENCES, write_jsonl
+
+    bench = load_script("quality")
+    task = tmp_path / "data" / "tiny_cls"
+    task.mkdir(parents=True)
+    records = [{"text": s, "label": i % 2} for i, s in enumerate(SENTENCES)]
+    for split, rows in (("train", records), ("validation", records[:8]), ("test", records[8:20])):
+        write_jsonl(task / f"{split}.jsonl", rows)
+    argv = ["--case", "minilm/tiny_cls", "--recipe", "encoder", "--model", f"minilm={tiny_bert_dir}", "--data-root", str(tmp_path / "data"),
+            "--methods", "all-layer,cka-50,equal-budget", "--seeds", "0", "--max-steps", "2", "--out", str(tmp_path / "q")]
+    assert bench.main(argv) == 0
+    data = json.loads((tmp_path / "q.json").read_text())
+    runs = {r["method"]: r for r in data["runs"]}
+    assert all(r["error"] is None for r in runs.values())
+    layers = len(runs["all-layer"]["selected"])
+    assert len(runs["cka-50"]["selected"]) == layers // 2
+    # equal budget: every block, at the rank that matches floor(L/2) blocks' adapter parameters
+    from lwlora.budget import equal_budget_rank
+
+    assert runs["equal-budget"]["selected"] == runs["all-layer"]["selected"]
+    assert runs["equal-budget"]["adapter_rank"]["r"] == equal_budget_rank(runs["all-layer"]["adapter_rank"]["r"], layers // 2, layers)
+    summary = data["summary"]["minilm/tiny_cls"]
+    assert 0.0 <= summary["cka-50"]["final"]["test"]["accuracy"]["mean"] <= 1.0
+    assert "| cka-50 | 1 |" in (tmp_path / "q.md").read_text()
+    assert (tmp_path / "q.png").stat().st_size > 0
+    # resumable: the finished runs are read back, not retrained (their metrics files stay untouched)
+    stamp = {m: (Path(r["run_dir"]) / "metrics.json").stat().st_mtime_ns for m, r in runs.items()}
+    assert bench.main(argv) == 0
+    assert stamp == {m: (Path(r["run_dir"]) / "metrics.json").stat().st_mtime_ns for m, r in runs.items()}
+
+
+def test_quality_benchmark_rejects_bad_input(tmp_path):
+    import pytest
+
+    bench = load_script("quality")
+    with pytest.raises(SystemExit, match="--methods"):
+        bench.main(["--methods", "cka-50,nope", "--out", str(tmp_path / "q")])
+    with pytest.raises(SystemExit, match="--model"):
+        bench.main(["--model", "bert=/x", "--out", str(tmp_path / "q")])
+    with pytest.raises(SystemExit, match="--data-root"):
+        bench.main(["--case", "minilm/rte_epistemic", "--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "q")])

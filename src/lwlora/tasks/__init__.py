@@ -9,6 +9,7 @@ Code-Feedback) and :mod:`lwlora.tasks.gsm_symbolic` (the embedded offline math t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from lwlora.errors import ConfigError
@@ -40,6 +41,7 @@ def load_task(
     max_length: int = 512,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    eval_splits: str | Sequence[str] | None = None,
     selection_samples: int = 128,
     seed: int = 0,
     packing: bool = False,
@@ -52,6 +54,9 @@ def load_task(
     if task not in TASKS:
         raise ConfigError("--task", f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     ensure_pad_token(tokenizer)
+    splits = parse_eval_splits(eval_splits)
+    if splits is not None and task not in ("classification", "instruction"):
+        raise ConfigError("--eval-splits", f"applies to --task classification and instruction (local split directories), not {task}, whose evaluation sets are fixed")
     common = {"max_length": max_length, "max_train_samples": max_train_samples, "selection_samples": selection_samples, "seed": seed}
     columns = {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column}
     fields = {"instruction_field": instruction_field, "output_field": output_field}
@@ -65,7 +70,7 @@ def load_task(
         from lwlora.tasks.classification import load_classification, load_glue
 
         if task == "classification":
-            return load_classification(tokenizer, data=data, max_eval_samples=max_eval_samples, **columns, **common)
+            return load_classification(tokenizer, data=data, max_eval_samples=max_eval_samples, eval_splits=splits, **columns, **common)
         return load_glue(task.split("/", 1)[1], tokenizer, data=data, max_eval_samples=max_eval_samples, **columns, **common)
 
     for key, value in columns.items():
@@ -78,6 +83,20 @@ def load_task(
         load_metamath,
     )
 
-    loader = {"instruction": load_instruction, "metamath": load_metamath, "code-feedback": load_code_feedback, "gsm-symbolic": load_gsm_symbolic}[task]
+    if task == "instruction":
+        return load_instruction(tokenizer, data=data, max_eval_samples=max_eval_samples, eval_splits=splits, packing=packing, **fields, **common)
+    loader = {"metamath": load_metamath, "code-feedback": load_code_feedback, "gsm-symbolic": load_gsm_symbolic}[task]
     return loader(tokenizer, data=data, max_eval_samples=max_eval_samples, packing=packing, **fields, **common)
 
+
+def parse_eval_splits(eval_splits: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """``"validation,test"`` (or a sequence) -> ("validation", "test"); None stays None."""
+    if eval_splits is None:
+        return None
+    parts = eval_splits.split(",") if isinstance(eval_splits, str) else list(eval_splits)
+    names = tuple(dict.fromkeys(part.strip() for part in parts if part.strip()))
+    if not names:
+        raise ConfigError("--eval-splits", f"must name at least one split, e.g. validation,test; got {eval_splits!r}")
+    if "train" in names:
+        raise ConfigError("--eval-splits", "cannot evaluate on the train split")
+    return names

@@ -158,6 +158,21 @@ def read_meta(data: str | None) -> dict[str, Any]:
         raise ConfigError("--data", f"cannot read {meta}: {first_line(exc)}") from None
 
 
+def load_eval_source(data: str, eval_splits: tuple[str, ...] | None) -> tuple[Any, dict[str, Any]]:
+    """``load_source`` for the local tasks: the default (first present of validation, test), or
+    exactly the ``--eval-splits`` asked for, each of which must exist in the ``--data`` directory."""
+    if eval_splits is None:
+        return load_source(data, ("validation", "test"))
+    path = Path(data)
+    if not path.is_dir():
+        raise ConfigError("--eval-splits", f"needs --data to be a directory of split files, got {data!r}")
+    present = local_splits(path)
+    missing = [split for split in eval_splits if split not in present]
+    if missing:
+        raise ConfigError("--eval-splits", f"{path} has no split(s) {', '.join(missing)}; splits found: {', '.join(sorted(present)) or 'none'}")
+    return load_source(data, eval_splits, first_only=False)
+
+
 def load_source(data: str, eval_splits: tuple[str, ...] = ("validation", "test"), *, first_only: bool = True) -> tuple[Any, dict[str, Any]]:
     """(train records, {eval split: records}) of a ``--data`` spec.
 

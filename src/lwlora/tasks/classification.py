@@ -21,6 +21,7 @@ from lwlora.errors import ConfigError
 from lwlora.tasks.base import (
     PreparedTask,
     columns_of,
+    load_eval_source,
     load_hub_dataset,
     load_source,
     read_meta,
@@ -223,10 +224,10 @@ def load_glue(config: str, tokenizer: Any, *, data: str | None, text_column: str
     )
 
 
-def load_classification(tokenizer: Any, *, data: str | None, text_column: str | None, text_pair_column: str | None, label_column: str | None, **common: Any) -> PreparedTask:
+def load_classification(tokenizer: Any, *, data: str | None, text_column: str | None, text_pair_column: str | None, label_column: str | None, eval_splits: tuple[str, ...] | None = None, **common: Any) -> PreparedTask:
     if not data:
         raise ConfigError("--data", "--task classification needs --data (a file, a directory of splits, or a Hub name)")
-    train_records, evals = load_source(data, ("validation", "test"))
+    train_records, evals = load_eval_source(data, eval_splits)
     meta_names = read_meta(data).get("label_names")
     if meta_names is not None and (not isinstance(meta_names, list) or not all(isinstance(n, str) for n in meta_names) or len(meta_names) < 2):
         raise ConfigError("--data", f"meta.json beside {data}: label_names must be a list of at least 2 strings, got {meta_names!r}")

@@ -34,6 +34,7 @@ from lwlora.tasks.base import (
     PreparedTask,
     columns_of,
     first_line,
+    load_eval_source,
     load_hub_dataset,
     load_source,
     sample_selection,
@@ -215,10 +216,10 @@ def _assemble(
     )
 
 
-def load_instruction(tokenizer: Any, *, data: str | None, instruction_field: str | None, output_field: str | None, max_eval_samples: int | None, **common: Any) -> PreparedTask:
+def load_instruction(tokenizer: Any, *, data: str | None, instruction_field: str | None, output_field: str | None, max_eval_samples: int | None, eval_splits: tuple[str, ...] | None = None, **common: Any) -> PreparedTask:
     if not data:
         raise ConfigError("--data", "--task instruction needs --data (a file, a directory of splits, or a Hub name) with instruction/output fields")
-    train_records, evals = load_source(data, ("validation", "test"))
+    train_records, evals = load_eval_source(data, eval_splits)
     eval_examples: dict[str, list[EvalExample]] = {}
     if evals:
         inst, out = resolve_fields(columns_of(train_records), instruction_field, output_field, data)

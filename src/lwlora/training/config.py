@@ -59,6 +59,7 @@ class TrainConfig:
     logging_steps: int = 10
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    eval_splits: str | None = None  # comma-separated splits of a --data directory to evaluate on (default: the first of validation, test)
     packing: bool = False
     # data columns
     text_column: str | None = None
@@ -130,6 +131,8 @@ class TrainConfig:
             raise ConfigError("--rank-allocation", f"must be 'uniform' or 'importance', got {self.rank_allocation!r}")
         if self.rank_allocation == "importance" and self.method == "full":
             raise ConfigError("--rank-allocation", "applies to adapters, not --method full")
+        if self.eval_splits is not None and not [part for part in self.eval_splits.split(",") if part.strip()]:
+            raise ConfigError("--eval-splits", f"must name at least one split, e.g. validation,test; got {self.eval_splits!r}")
         if self.choice_mode not in ("letter", "loglik"):
             raise ConfigError("--choice-mode", f"must be 'letter' or 'loglik', got {self.choice_mode!r}")
         if self.bf16 and self.fp16:

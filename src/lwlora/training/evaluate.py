@@ -66,7 +66,7 @@ def load_run(run: Path):
     return config
 
 
-def evaluate(target: str, *, task: str | None = None, data: str | None = None, max_eval_samples: int | None = None, batch_size: int = 8, max_new_tokens: int | None = None, choice_mode: str = "letter", progress: bool = True, gguf_file: str | None = None) -> dict[str, Any]:
+def evaluate(target: str, *, task: str | None = None, data: str | None = None, max_eval_samples: int | None = None, eval_splits: str | None = None, batch_size: int = 8, max_new_tokens: int | None = None, choice_mode: str = "letter", progress: bool = True, gguf_file: str | None = None) -> dict[str, Any]:
     """Evaluate ``target``: a run directory (its base model + adapter, its task unless ``task``)
     or a model (``task`` required)."""
     from peft import PeftModel
@@ -82,15 +82,19 @@ def evaluate(target: str, *, task: str | None = None, data: str | None = None, m
         overrides = {"task": task or config.task, "data": data if data is not None else config.data, "resume": False, "overwrite": False}
         if max_eval_samples is not None:
             overrides["max_eval_samples"] = max_eval_samples
+        if eval_splits is not None:
+            overrides["eval_splits"] = eval_splits
+        elif task is not None and task != config.task:
+            overrides["eval_splits"] = None  # the run's splits belong to its own task
         config = TrainConfig(**{**config.to_json(), **overrides})
     else:
         if task is None:
             raise ConfigError("--task", "is required when evaluating a model rather than a run directory")
-        config = TrainConfig(model=target, task=task, out="-", data=data, max_eval_samples=max_eval_samples, gguf_file=gguf_file)
+        config = TrainConfig(model=target, task=task, out="-", data=data, max_eval_samples=max_eval_samples, eval_splits=eval_splits, gguf_file=gguf_file)
     tokenizer, source, resolved_gguf = load_tokenizer(config)
     prepared = load_task(config.task, tokenizer, data=config.data, text_column=config.text_column, text_pair_column=config.text_pair_column, label_column=config.label_column,
         instruction_field=config.instruction_field,
-        output_field=config.output_field, max_length=config.max_length, max_train_samples=1, max_eval_samples=config.max_eval_samples, selection_samples=1, seed=config.seed)
+        output_field=config.output_field, max_length=config.max_length, max_train_samples=1, max_eval_samples=config.max_eval_samples, eval_splits=config.eval_splits, selection_samples=1, seed=config.seed)
     if run is not None and config.method == "full":
         source, resolved_gguf = str(run / "model"), None
     model = load_training_model(config, source, resolved_gguf, prepared, tokenizer)

@@ -262,6 +262,7 @@ def train(config: TrainConfig) -> TrainResult:
         max_length=config.max_length,
         max_train_samples=config.max_train_samples,
         max_eval_samples=config.max_eval_samples,
+        eval_splits=config.eval_splits,
         selection_samples=config.num_samples,
         seed=config.seed,
         packing=config.packing,
