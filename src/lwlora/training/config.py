@@ -78,6 +78,7 @@ class TrainConfig:
     select_batch_size: int = 8
     preset: str | None = None
     layers_path: str | None = None
+    tower: Literal["language", "vision"] = "language"  # which tower of a vision-language model gets adapters
     # model loading
     gguf_file: str | None = None
     dtype: str = "auto"
@@ -130,6 +131,8 @@ class TrainConfig:
             raise ConfigError("--rank-allocation", f"must be 'uniform' or 'importance', got {self.rank_allocation!r}")
         if self.rank_allocation == "importance" and self.method == "full":
             raise ConfigError("--rank-allocation", "applies to adapters, not --method full")
+        if self.tower not in ("language", "vision"):
+            raise ConfigError("--tower", f"must be 'language' or 'vision', got {self.tower!r}")
         if self.choice_mode not in ("letter", "loglik"):
             raise ConfigError("--choice-mode", f"must be 'letter' or 'loglik', got {self.choice_mode!r}")
         if self.bf16 and self.fp16:
