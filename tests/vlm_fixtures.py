@@ -1,8 +1,8 @@
-"""Tiny saved vision-language checkpoints (LLaVA, Gemma 3) with real processors, and a tiny
+"""Tiny saved vision-language checkpoints (LLaVA, LLaVA-NeXT, Gemma 3) with real processors, and a tiny
 ScienceQA-style dataset of generated PNG images — everything offline, from configs.
 
-The processors are transformers' own (``LlavaProcessor`` with the PIL ``LlavaImageProcessorPil``,
-``Gemma3Processor`` with ``Gemma3ImageProcessorPil``: no torchvision needed) over a word-level
+The processors are transformers' own (``LlavaProcessor`` / ``LlavaNextProcessor`` /
+``Gemma3Processor`` with their PIL image processors: no torchvision needed) over a word-level
 tokenizer whose vocabulary covers every word of the data, so nothing maps to ``<unk>`` and the
 answer letters are single tokens.
 """
@@ -146,5 +146,37 @@ def save_tiny_gemma3(directory: Path) -> Path:
     )
     torch.manual_seed(0)
     Gemma3ForConditionalGeneration(config).eval().save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def save_tiny_llava_next(directory: Path) -> Path:
+    """LLaVA-NeXT in miniature: any-resolution tiling (grid pinpoints 16x16, 16x32, 32x16), so the
+    vision tower sees several crops per image and the processor returns ``image_sizes``."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil,
+    )
+
+    tokenizer = _tokenizer({"image_token": "<image>"})
+    grid = [[16, 16], [16, 32], [32, 16]]
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=grid),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=16, patch_size=8, projection_dim=32)
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=LlamaConfig(**_decoder_config(len(tokenizer))), image_token_index=tokenizer.image_token_id,
+        image_grid_pinpoints=grid, vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    LlavaNextForConditionalGeneration(config).eval().save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
