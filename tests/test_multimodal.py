@@ -370,3 +370,34 @@ def test_collator_refuses_prompts_longer_than_max_length(vlm_dirs, sqa_dir):
     task = load_task("scienceqa", processor, data=str(sqa_dir), max_length=96, selection_samples=4)
     with pytest.raises(ConfigError, match="--max-length"):
         collator([task.train[0]])
+
+
+def test_hub_layout_with_an_image_feature_and_text_only_questions(vlm_dirs, sqa_dir, monkeypatch):
+    """derek-thomas/ScienceQA's layout, offline: a ``datasets.Image`` column with ``None`` for the
+    text-only questions. Those are skipped; images stay undecoded in the records until a batch
+    needs them."""
+    import datasets
+    from PIL import Image
+
+    import lwlora.tasks.scienceqa as scienceqa
+
+    rows = [json.loads(line) for line in (sqa_dir / "train.jsonl").read_text().splitlines()]
+    images = [Image.open(sqa_dir / r["image"]).copy() if i % 4 else None for i, r in enumerate(rows)]  # bytes, as on the Hub
+    extra = {"task": "closed choice", "grade": "grade2", "subject": "natural science", "topic": "colours", "category": "c", "skill": "s", "solution": "s"}
+    hub = datasets.Dataset.from_list([{**r, **extra, "image": None} for r in rows]).cast_column("image", datasets.Image())
+    hub = hub.map(lambda _, i: {"image": images[i]}, with_indices=True)
+    calls = []
+
+    def fake_hub(path, *, split, **_):
+        calls.append((path, split))
+        return hub
+
+    monkeypatch.setattr(scienceqa, "load_hub_dataset", fake_hub)
+    processor = load_processor(str(vlm_dirs["llava"]))
+    task = load_task("scienceqa", processor, data=None, max_length=96, selection_samples=4, max_eval_samples=5)
+    assert calls == [("derek-thomas/ScienceQA", "train"), ("derek-thomas/ScienceQA", "test")]
+    assert task.info["skipped_without_image"] == 3 and len(task.train) == 9
+    assert isinstance(task.train[0]["image"], dict) and task.train[0]["image"]["bytes"]
+    assert len(task.eval_examples["scienceqa"]) == 5 and len(task.selection_texts) == 4
+    batch = task.data_collator([task.train[i] for i in range(3)])
+    assert batch["pixel_values"].shape[0] == 3
