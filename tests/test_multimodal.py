@@ -401,3 +401,16 @@ def test_hub_layout_with_an_image_feature_and_text_only_questions(vlm_dirs, sqa_
     assert len(task.eval_examples["scienceqa"]) == 5 and len(task.selection_texts) == 4
     batch = task.data_collator([task.train[i] for i in range(3)])
     assert batch["pixel_values"].shape[0] == 3
+
+
+@pytest.mark.parametrize("bos", ["", "<s>"])
+def test_prompt_uses_the_processor_chat_template_without_doubling_bos(vlm_dirs, bos):
+    processor = load_processor(str(vlm_dirs["llava"]))
+    assert build_prompt(processor, "Which colour ?") == "USER: <image>\nWhich colour ? ASSISTANT:"  # no template: LLaVA-1.5's
+    processor.chat_template = (
+        bos + "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+        "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+    )
+    # The tokenizer adds BOS itself (real ones do): a template's own BOS is dropped.
+    assert build_prompt(processor, "Which colour ?") == "USER: <image>\nWhich colour ? ASSISTANT:"
