@@ -414,3 +414,14 @@ def test_prompt_uses_the_processor_chat_template_without_doubling_bos(vlm_dirs, 
     )
     # The tokenizer adds BOS itself (real ones do): a template's own BOS is dropped.
     assert build_prompt(processor, "Which colour ?") == "USER: <image>\nWhich colour ? ASSISTANT:"
+
+
+def test_train_on_the_vision_tower(vlm_dirs, sqa_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", str(vlm_dirs["llava"]), "--task", "scienceqa", "--data", str(sqa_dir), "--out", str(out), "--num-samples", "8", "--tower", "vision",
+            "--max-steps", "1", "--batch-size", "4", "--r", "2", "--max-length", "96", "--device", "cpu", "--max-new-tokens", "2", "--no-progress"]
+    assert cli.main(args) == 0
+    selection = json.loads((out / "selection.json").read_text())
+    assert (selection["tower"], selection["pooling"], selection["num_layers"]) == ("vision", "mean", 3)
+    targets = json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert targets.startswith(r"model\.vision_tower\.encoder\.layers\.")
