@@ -425,3 +425,16 @@ def test_train_on_the_vision_tower(vlm_dirs, sqa_dir, tmp_path):
     assert (selection["tower"], selection["pooling"], selection["num_layers"]) == ("vision", "mean", 3)
     targets = json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"]
     assert targets.startswith(r"model\.vision_tower\.encoder\.layers\.")
+
+
+def test_select_layers_takes_pil_images_in_memory(vlm_dirs):
+    from PIL import Image
+
+    from lwlora.multimodal import make_image_text_samples
+
+    colours = [(200, 10, 10), (10, 200, 10), (10, 10, 200), (120, 120, 0), (0, 120, 120), (90, 0, 90)]
+    images = [Image.new("RGB", (20 + i, 24), c) for i, c in enumerate(colours)]
+    texts = [f"Which colour fills picture {i} ?" for i in range(len(images))]
+    samples = make_image_text_samples(texts, images, source="memory", responses=[" A", " B", " C", " A", " B", " C"])
+    selection = select_layers(SelectConfig(model=str(vlm_dirs["gemma3"]), data="", num_samples=6, ratio=0.5, device="cpu", progress=False), samples=samples)
+    assert selection.num_samples == 6 and selection.data == "memory" and len(selection.selected) == 2

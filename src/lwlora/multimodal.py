@@ -285,7 +285,7 @@ class ImageTextCollator:
         prompts = [build_prompt(self.processor, f["prompt"]) for f in features]
         encoded = encode(self.processor, prompts, [f["image"] for f in features], side="right")
         ids, mask = encoded.pop("input_ids"), encoded.pop("attention_mask")
-        aligned = {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor) and v.shape[:2] == ids.shape}
+        aligned = {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor) and v.ndim == 2 and v.shape == ids.shape}
         rows: list[tuple[list[int], list[int], dict[str, list[int]]]] = []
         for b, feature in enumerate(features):
             length = int(mask[b].sum())
