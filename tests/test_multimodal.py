@@ -317,6 +317,7 @@ def broken_data(sqa_dir, tmp_path):
         ("missing", ["--image-column", "image", "--text-column", "question"], "image file not found"),
         ("no_column", ["--image-column", "image", "--text-column", "question"], "--image-column: column 'image' not found"),
         ("text_only", ["--image-column", "image", "--text-column", "question"], "--image-column: record 0 of"),
+        ("text_only", ["--image-column", "image", "--scorer", "fim"], "--image-column: the fim scorer takes labelled inputs from --task"),
     ],
 )
 def test_select_bad_image_input_is_one_line_and_exit_2(vlm_dirs, broken_data, tmp_path, capsys, case, extra, message):

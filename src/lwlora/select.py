@@ -130,6 +130,8 @@ class SelectConfig:
             raise ConfigError("--prefer-shallow", f"must be in [0, 1): the share of total importance one may give up, got {self.prefer_shallow}")
         if self.r < 1:
             raise ConfigError("--r", f"must be at least 1, got {self.r}")
+        if self.image_column is not None and self.scorer in GRADIENT_SCORERS:
+            raise ConfigError("--image-column", f"the {self.scorer} scorer takes labelled inputs from --task (e.g. --task scienceqa), not --image-column")
 
     def policy_for(self, model_kind: str) -> SelectionPolicy:
         if self.preset == "paper":

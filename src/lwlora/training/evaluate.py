@@ -48,7 +48,7 @@ def evaluate_task(model: nn.Module, tokenizer: Any, task: Any, *, batch_size: in
 
     if not task.eval_examples:
         raise ConfigError("--task", f"{task.name} defines no generation evaluation set")
-    if task.processor is not None:  # image tasks: ``tokenizer`` is the model's processor
+    if getattr(task, "processor", None) is not None:  # image tasks: ``tokenizer`` is the model's processor
         from lwlora.evaluation.image_choice import evaluate_image_choices
 
         return {
