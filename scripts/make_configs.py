@@ -4,7 +4,9 @@ python scripts/make_configs.py    # idempotent; commit the YAML it writes
 
 Paper setups (Ogawa et al., arXiv 2602.05988): encoders RoBERTa-base and DeBERTa-v3-base on GLUE with
 LoRA r 8, alpha 16; decoders LLaMA-2-7B, Mistral-7B, Gemma-7B on MetaMathQA and Code-Feedback with
-LoRA and PiSSA, r 128, alpha 128, lr 2e-5, 1 epoch, cosine, warmup 0.03, max length 512. The GLUE
+LoRA and PiSSA, r 128, alpha 128, lr 2e-5, 1 epoch, cosine, warmup 0.03, max length 512; the
+vision-language model LLaVA-1.5-7B on ScienceQA (images) with LoRA on the language model, same
+adapter and optimiser settings, max length 2048 (576 image tokens + text). The GLUE
 epochs / learning rates / batch size are the LoRA paper's RoBERTa-base recipe (Hu et al. 2021,
 table 9), which the layer-wise paper builds on; change them in the YAML if the paper's appendix differs.
 """
@@ -28,6 +30,7 @@ ENCODER_TARGETS = {"roberta-base": "query,value", "deberta-v3-base": "query_proj
 DECODERS = {"llama-2-7b": "meta-llama/Llama-2-7b-hf", "mistral-7b": "mistralai/Mistral-7B-v0.1", "gemma-7b": "google/gemma-7b"}
 DECODER_TASKS = {"metamath": "metamath", "code-feedback": "code-feedback"}
 LAYERS = {"cka": "cka", "all": "all"}
+VLMS = {"llava-1.5-7b": "llava-hf/llava-1.5-7b-hf"}
 
 
 def write(path: Path, header: str, config: dict) -> None:
@@ -63,6 +66,18 @@ def main() -> None:
                     config = {k: v for k, v in config.items() if v is not None}
                     write(ROOT / "paper" / f"{task_short}-{short}-{method}-{name}.yaml",
                           f"Paper setup: {hub} on {task} ({'GSM8K' if task == 'metamath' else 'HumanEval'} eval), {method} r 128 alpha 128, layers={name}. Global batch 128 on one GPU (4 x 32 accumulation): divide grad_accum by the number of GPUs under accelerate launch.", config)
+    for short, hub in VLMS.items():
+        for name, layers in LAYERS.items():
+            config = {
+                "model": hub, "task": "scienceqa", "out": f"runs/paper/scienceqa-{short}-lora-{name}",
+                "layers": layers, "ratio": 0.5, "num_samples": 128, "tower": "language",
+                "method": "lora", "r": 128, "alpha": 128, "dropout": 0.0, "target_modules": "auto",
+                "epochs": 1, "lr": 2.0e-5, "batch_size": 4, "grad_accum": 32, "max_length": 2048,
+                "warmup": 0.03, "scheduler": "cosine", "bf16": True, "gradient_checkpointing": True,
+                "max_new_tokens": 16, "seed": 42,
+            }
+            write(ROOT / "paper" / f"scienceqa-{short}-lora-{name}.yaml",
+                  f"Paper setup: {hub} on ScienceQA (examples with an image; accuracy of the answer letter), LoRA r 128 alpha 128 on the language model, vision tower and projector frozen, layers={name}. Global batch 128 on one GPU (4 x 32 accumulation): divide grad_accum by the number of GPUs under accelerate launch.", config)
     shared = "../shared/data"
     for data in ("sentiment_multiemo", "nli_vitaminc", "rte_epistemic"):
         for name, layers in LAYERS.items():

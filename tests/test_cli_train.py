@@ -105,12 +105,16 @@ def test_every_shipped_config_is_a_valid_train_config():
     assert "demo" in names
     assert sum(n.startswith("paper/glue-") for n in names) == 2 * 9 * 2  # RoBERTa, DeBERTa-v3 x 9 tasks x {cka, all}
     assert sum(n.startswith(("paper/metamath-", "paper/code-feedback-")) for n in names) == 3 * 2 * 2 * 2
+    assert sorted(n for n in names if n.startswith("paper/scienceqa-")) == ["paper/scienceqa-llava-1.5-7b-lora-all", "paper/scienceqa-llava-1.5-7b-lora-cka"]
     for name in names:
         data, source = load_config(name)
         config = TrainConfig.from_dict(data, source=source)
         if name.startswith("paper/metamath") or name.startswith("paper/code-feedback"):
             assert (config.r, config.alpha, config.lr, config.epochs, config.scheduler, config.warmup, config.max_length) == (128, 128, 2e-5, 1, "cosine", 0.03, 512)
             assert config.method in ("lora", "pissa") and config.layers in ("cka", "all")
+        if name.startswith("paper/scienceqa-"):
+            assert (config.model, config.task, config.method, config.tower) == ("llava-hf/llava-1.5-7b-hf", "scienceqa", "lora", "language")
+            assert (config.r, config.alpha, config.lr, config.epochs, config.scheduler, config.max_length) == (128, 128, 2e-5, 1, "cosine", 2048)
         if name.startswith("paper/glue-"):
             assert (config.r, config.alpha, config.method) == (8, 16, "lora") and config.task.startswith("glue/")
 

@@ -121,7 +121,7 @@ def capture_block_representations(
     *,
     pooling: str,
     blocks: Sequence[int] | None = None,
-    mask_key: str = "attention_mask",
+    mask_key: str | None = "attention_mask",
     progress: bool = True,
     total: int | None = None,
     extra_poolings: Sequence[str] = (),
@@ -133,6 +133,8 @@ def capture_block_representations(
             ``torch.inference_mode``. Batches are moved to the device of the input embeddings.
         stack: the block stack to read.
         batches: model inputs, each with ``mask_key`` ((B, T), 1 for real tokens) when padded.
+        mask_key: the batch key of the mask, or ``None``: every token is real (a vision tower's
+            patch tokens, which the text attention mask does not describe).
         pooling: ``cls`` | ``last`` | ``mean``.
         blocks: block indices to read (default: all). The forward pass stops after the last one.
         progress: show a tqdm bar over batches.
@@ -187,7 +189,7 @@ def capture_block_representations(
         with torch.inference_mode():
             for batch in tqdm(batches, total=total, desc="capturing block representations", unit="batch", disable=not progress):
                 batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-                current_mask[0] = batch.get(mask_key)
+                current_mask[0] = batch.get(mask_key) if mask_key is not None else None
                 expected = len(outputs[pooling][last_needed]) + 1
                 try:
                     model(**batch)

@@ -63,7 +63,7 @@ def _add_select(subparsers) -> None:
     p.add_argument("--include", type=_int_list("--include"), default=(), help="blocks always selected, e.g. 0,1")
     p.add_argument("--exclude", type=_int_list("--exclude"), default=(), help="blocks never selected")
     p.add_argument("--scorer", default="cka", choices=list(ALL_SCORERS), help="cka (default), cka-debiased, bi, angular; fim, gradnorm (gradient probes: need labels); all, first, last, random (rules)")
-    p.add_argument("--task", help="fim/gradnorm: the task giving labelled inputs (default: classification for encoders, instruction for decoders)")
+    p.add_argument("--task", help="scienceqa: its image-text training inputs (vision-language models); fim/gradnorm: the task giving labelled inputs (default: classification for encoders, instruction for decoders)")
     p.add_argument("--label-column", help="fim/gradnorm on classification data: the label column")
     p.add_argument("--instruction-field", help="fim/gradnorm on instruction data: the prompt field")
     p.add_argument("--output-field", help="fim/gradnorm on instruction data: the response field")
@@ -78,6 +78,7 @@ def _add_select(subparsers) -> None:
     p.add_argument("--text-column", help="column holding the text (default: detected)")
     p.add_argument("--text-pair-column", help="second text column for sentence pairs")
     p.add_argument("--template", help="format string over columns, e.g. '{question} {answer}', or a preset: alpaca, alpaca-response")
+    p.add_argument("--image-column", help="vision-language models: column with each sample's image (a path relative to the data file, or an image column); not truncated")
     p.add_argument("--gguf-file", help="GGUF file inside MODEL (dequantized on load)")
     p.add_argument("--layers-path", help="dotted path of the blocks' ModuleList when discovery is ambiguous")
     p.add_argument("--tower", default="language", choices=["language", "vision", "audio"], help="which tower of a multimodal model (default language)")
@@ -138,6 +139,7 @@ def _run_select(args: argparse.Namespace) -> int:
         text_column=args.text_column,
         text_pair_column=args.text_pair_column,
         template=args.template,
+        image_column=args.image_column,
         gguf_file=args.gguf_file,
         layers_path=args.layers_path,
         tower=args.tower,
@@ -186,6 +188,7 @@ TRAIN_HELP = {
     "choice_mode": "multiple-choice evaluation: letter (generated) or loglik (most likely option letter)",
     "num_samples": "selection samples for --layers cka (default 128)",
     "preset": "selection preset for --layers cka: paper",
+    "tower": "vision-language models: the tower whose blocks are selected and adapted (default language)",
 }
 
 

@@ -153,11 +153,13 @@ def forget_gguf_quantization(model: nn.Module) -> nn.Module:
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:
-    """Give a tokenizer without a pad token one (its EOS/BOS/UNK): padding is masked anyway."""
-    if tokenizer.pad_token is None:
-        for candidate in (tokenizer.eos_token, tokenizer.bos_token, tokenizer.unk_token):
+    """Give a tokenizer without a pad token one (its EOS/BOS/UNK): padding is masked anyway.
+    A multimodal processor is returned as is, its text tokenizer (``.tokenizer``) prepared."""
+    text = getattr(tokenizer, "tokenizer", tokenizer)
+    if text.pad_token is None:
+        for candidate in (text.eos_token, text.bos_token, text.unk_token):
             if candidate is not None:
-                tokenizer.pad_token = candidate
+                text.pad_token = candidate
                 break
         else:
             raise ConfigError("MODEL", "the tokenizer has no pad, EOS, BOS or UNK token to pad batches with")

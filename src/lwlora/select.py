@@ -41,6 +41,7 @@ from lwlora.policy import (
 )
 from lwlora.scoring import SCORERS, LayerScore, LayerScorer, get_scorer
 from lwlora.selection import LayerRecord, LayerSelection
+from lwlora.tasks.presets import IMAGE_TASKS
 
 logger = logging.getLogger("lwlora")
 
@@ -87,6 +88,7 @@ class SelectConfig:
     text_column: str | None = None
     text_pair_column: str | None = None
     template: str | None = None
+    image_column: str | None = None  # image-text samples for a vision-language model (lwlora.multimodal)
     gguf_file: str | None = None
     layers_path: str | None = None
     tower: str = "language"
@@ -128,6 +130,8 @@ class SelectConfig:
             raise ConfigError("--prefer-shallow", f"must be in [0, 1): the share of total importance one may give up, got {self.prefer_shallow}")
         if self.r < 1:
             raise ConfigError("--r", f"must be at least 1, got {self.r}")
+        if self.image_column is not None and self.scorer in GRADIENT_SCORERS:
+            raise ConfigError("--image-column", f"the {self.scorer} scorer takes labelled inputs from --task (e.g. --task scienceqa), not --image-column")
 
     def policy_for(self, model_kind: str) -> SelectionPolicy:
         if self.preset == "paper":
@@ -189,9 +193,25 @@ def capture_samples(
     extra_poolings: tuple[str, ...] = (),
 ) -> BlockRepresentations:
     """Pooled block inputs/outputs on ``samples``, rows in the samples' order (batches run in
-    length order to cut padding, then the rows are put back)."""
-    batches, order = make_batches(tokenizer, samples, batch_size=batch_size, max_length=max_length, model=model)
-    reps = capture_block_representations(model, stack, batches, pooling=pooling, progress=progress, total=len(batches), extra_poolings=extra_poolings)
+    length order to cut padding, then the rows are put back).
+
+    Image-text samples (:class:`lwlora.multimodal.ImageTextSamples`; ``tokenizer`` is then the
+    model's processor) go through the processor and are not truncated. A vision tower's blocks see
+    patch tokens, all real: they are pooled without the text attention mask."""
+    if getattr(samples, "images", None) is not None:
+        from lwlora.multimodal import image_text_batches
+
+        batches, order = image_text_batches(tokenizer, samples, batch_size=batch_size, model=model)
+    else:
+        batches, order = make_batches(tokenizer, samples, batch_size=batch_size, max_length=max_length, model=model)
+    mask_key = None if stack.tower == "vision" else "attention_mask"
+    reps = capture_block_representations(model, stack, batches, pooling=pooling, progress=progress, total=len(batches), extra_poolings=extra_poolings, mask_key=mask_key)
+    if reps.num_samples != len(order):
+        raise ConfigError(
+            "--tower",
+            f"{stack.path} produced {reps.num_samples} rows for {len(order)} samples (e.g. a vision tower that tiles each "
+            "image into several crops, as LLaVA-NeXT does); score the language tower instead",
+        )
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
 
@@ -326,6 +346,22 @@ def near_identity_diagnostics(reps: BlockRepresentations, records: list[LayerRec
     return diagnostics, warnings
 
 
+def _image_text_samples(config: SelectConfig) -> Any:
+    """Image-text selection samples: the ScienceQA preset's training inputs (``--task scienceqa``)
+    or ``--data`` records with their image in ``--image-column``."""
+    if config.task in IMAGE_TASKS:
+        if config.image_column is not None or config.text_column is not None or config.template is not None:
+            raise ConfigError("--task", f"{config.task} builds its own prompts from its own image column; drop --image-column/--text-column/--template")
+        from lwlora.tasks.scienceqa import scienceqa_selection_samples
+
+        return scienceqa_selection_samples(config.data or None, num_samples=config.num_samples, seed=config.seed)
+    from lwlora.multimodal import load_image_text_samples
+
+    if config.text_pair_column is not None:
+        raise ConfigError("--text-pair-column", "applies to text pairs, not image-text samples")
+    return load_image_text_samples(config.data, image_column=config.image_column, num_samples=config.num_samples, seed=config.seed, text_column=config.text_column, template=config.template)
+
+
 def select_layers(
     config: SelectConfig,
     *,
@@ -347,6 +383,8 @@ def select_layers(
         return select_by_gradients(config)
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    if samples is None and (config.image_column is not None or config.task in IMAGE_TASKS) and config.scorer not in GRADIENT_SCORERS:
+        samples = _image_text_samples(config)
     if samples is None:
         samples = load_text_samples(
             config.data,
@@ -361,7 +399,10 @@ def select_layers(
     gguf_file = config.gguf_file
     if model is None:
         tick = time.perf_counter()
-        loaded = load_model(config.model, gguf_file=config.gguf_file, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code)
+        loader = load_model
+        if getattr(samples, "images", None) is not None:
+            from lwlora.multimodal import load_vlm as loader
+        loaded = loader(config.model, gguf_file=config.gguf_file, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code)
         model, tokenizer, model_kind, gguf_file = loaded.model, loaded.tokenizer, loaded.kind, loaded.gguf_file
         timings["load_model_s"] = time.perf_counter() - tick
     elif tokenizer is None:

@@ -4,7 +4,9 @@ names, the selection texts (what the model sees, for layer selection) and a batc
 
 Task names are listed in ``TASKS``; see :mod:`lwlora.tasks.classification` (GLUE presets and
 generic classification), :mod:`lwlora.tasks.instruction` (instruction tuning, MetaMathQA,
-Code-Feedback) and :mod:`lwlora.tasks.gsm_symbolic` (the embedded offline math task).
+Code-Feedback), :mod:`lwlora.tasks.gsm_symbolic` (the embedded offline math task) and
+:mod:`lwlora.tasks.scienceqa` (images: needs a vision-language model; ``tokenizer`` is then the
+model's processor).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from lwlora.tasks.base import (
     check_caps,
     ensure_pad_token,
 )
-from lwlora.tasks.presets import TASKS
+from lwlora.tasks.presets import IMAGE_TASKS, TASKS
 
 __all__ = ["TASKS", "CausalLMCollator", "EvalExample", "PreparedTask", "load_task"]
 
@@ -53,10 +55,17 @@ def load_task(
         raise ConfigError("--task", "humaneval has no training split; train with --task code-feedback, which evaluates on HumanEval")
     if task not in TASKS:
         raise ConfigError("--task", f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
-    ensure_pad_token(tokenizer)
     splits = parse_eval_splits(eval_splits)
     if splits is not None and task not in ("classification", "instruction"):
         raise ConfigError("--eval-splits", f"applies to --task classification and instruction (local split directories), not {task}, whose evaluation sets are fixed")
+    if task in IMAGE_TASKS:
+        for flag, value in (("--text-column", text_column), ("--text-pair-column", text_pair_column), ("--label-column", label_column), ("--instruction-field", instruction_field), ("--output-field", output_field)):
+            if value is not None:
+                raise ConfigError(flag, f"does not apply to {task}, which reads fixed fields (image, question, choices, answer, hint)")
+        from lwlora.tasks.scienceqa import load_scienceqa
+
+        return load_scienceqa(tokenizer, data=data, max_length=max_length, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, selection_samples=selection_samples, seed=seed, packing=packing)
+    ensure_pad_token(tokenizer)
     common = {"max_length": max_length, "max_train_samples": max_train_samples, "selection_samples": selection_samples, "seed": seed}
     columns = {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column}
     fields = {"instruction_field": instruction_field, "output_field": output_field}

@@ -25,6 +25,7 @@ class EvalExample:
     choices: list[str] | None = None  # option texts for multiple choice (letters A.. in order)
     entry_point: str | None = None  # code: function name; its tests are in ``reference``
     code_prompt: str | None = None  # code: the HumanEval prompt the completion continues
+    image: Any = None  # image tasks: the example's image (path, PIL image or {"bytes", "path"})
 
 
 @dataclass
@@ -41,6 +42,8 @@ class PreparedTask:
     data_collator: Callable
     #: Free-form provenance (sources, sizes) for reports; not part of the training contract.
     info: dict[str, Any] = field(default_factory=dict)
+    #: Image tasks: the model's multimodal processor (the task needs a vision-language model).
+    processor: Any = None
 
 
 class CausalLMCollator:
@@ -70,7 +73,9 @@ class CausalLMCollator:
 
 
 def ensure_pad_token(tokenizer: Any) -> None:
-    """Decoder tokenizers (Llama, ...) often have no pad token: use EOS (mutates ``tokenizer``)."""
+    """Decoder tokenizers (Llama, ...) often have no pad token: use EOS (mutates ``tokenizer``, or
+    the text tokenizer of a multimodal processor)."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError("--model", "the tokenizer has neither a pad nor an EOS token; cannot pad batches")

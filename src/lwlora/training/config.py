@@ -79,6 +79,7 @@ class TrainConfig:
     select_batch_size: int = 8
     preset: str | None = None
     layers_path: str | None = None
+    tower: Literal["language", "vision"] = "language"  # which tower of a vision-language model gets adapters
     # model loading
     gguf_file: str | None = None
     dtype: str = "auto"
@@ -133,6 +134,8 @@ class TrainConfig:
             raise ConfigError("--rank-allocation", "applies to adapters, not --method full")
         if self.eval_splits is not None and not [part for part in self.eval_splits.split(",") if part.strip()]:
             raise ConfigError("--eval-splits", f"must name at least one split, e.g. validation,test; got {self.eval_splits!r}")
+        if self.tower not in ("language", "vision"):
+            raise ConfigError("--tower", f"must be 'language' or 'vision', got {self.tower!r}")
         if self.choice_mode not in ("letter", "loglik"):
             raise ConfigError("--choice-mode", f"must be 'letter' or 'loglik', got {self.choice_mode!r}")
         if self.bf16 and self.fp16:

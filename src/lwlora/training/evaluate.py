@@ -48,6 +48,13 @@ def evaluate_task(model: nn.Module, tokenizer: Any, task: Any, *, batch_size: in
 
     if not task.eval_examples:
         raise ConfigError("--task", f"{task.name} defines no generation evaluation set")
+    if getattr(task, "processor", None) is not None:  # image tasks: ``tokenizer`` is the model's processor
+        from lwlora.evaluation.image_choice import evaluate_image_choices
+
+        return {
+            name: evaluate_image_choices(model, task.processor, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, choice_mode=choice_mode, progress=progress)["metrics"]
+            for name, examples in task.eval_examples.items()
+        }
     return {
         name: evaluate_examples(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, choice_mode=choice_mode, progress=progress)["metrics"]
         for name, examples in task.eval_examples.items()

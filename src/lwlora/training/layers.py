@@ -74,6 +74,7 @@ def _similarity_selection(config: Any, model: nn.Module, tokenizer: Any, model_k
         max_length=config.max_length,
         gguf_file=config.gguf_file,
         layers_path=config.layers_path,
+        tower=config.tower,
         preset=config.preset,
         seed=config.seed,
         progress=config.progress,

@@ -58,8 +58,15 @@ def load_tokenizer(config: TrainConfig):
     from transformers import AutoTokenizer
 
     from lwlora.models import prepare_tokenizer, resolve_model_source
+    from lwlora.tasks.presets import IMAGE_TASKS
 
     source, gguf_file = resolve_model_source(config.model, config.gguf_file)
+    if config.task in IMAGE_TASKS:  # the model's processor stands in for the tokenizer
+        from lwlora.multimodal import load_processor
+
+        if gguf_file:
+            raise ConfigError("--gguf-file", f"{config.task} needs a transformers checkpoint with a processor, not a GGUF file")
+        return load_processor(source, trust_remote_code=config.trust_remote_code), source, None
     kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -71,8 +78,13 @@ def load_tokenizer(config: TrainConfig):
 
 
 def load_training_model(config: TrainConfig, source: str, gguf_file: str | None, task: Any, tokenizer: Any) -> nn.Module:
-    """The model with the head the task needs: sequence classification/regression or causal LM."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    """The model with the head the task needs: sequence classification/regression, causal LM, or
+    image-text-to-text (a vision-language model) for image tasks."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoModelForSequenceClassification,
+    )
 
     from lwlora.models import DTYPES, forget_gguf_quantization
 
@@ -82,7 +94,9 @@ def load_training_model(config: TrainConfig, source: str, gguf_file: str | None,
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:
-        if task.kind == "causal_lm":
+        if getattr(task, "processor", None) is not None:
+            model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+        elif task.kind == "causal_lm":
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         else:
             extra: dict[str, Any] = {"num_labels": task.num_labels}
@@ -99,7 +113,7 @@ def load_training_model(config: TrainConfig, source: str, gguf_file: str | None,
     if gguf_file:
         forget_gguf_quantization(model)
     if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.pad_token_id = getattr(tokenizer, "tokenizer", tokenizer).pad_token_id
     return model
 
 
@@ -271,7 +285,7 @@ def train(config: TrainConfig) -> TrainResult:
         raise ConfigError("--data", f"task {config.task} has an empty training split")
     model = load_training_model(config, source, gguf_file, task, tokenizer)
     model_kind = infer_model_kind(model.config)
-    stack = resolve_block_stack(model, layers_path=config.layers_path)
+    stack = resolve_block_stack(model, layers_path=config.layers_path, tower=config.tower)
 
     selection_path = run / "selection.json"
     if config.resume and selection_path.is_file():
