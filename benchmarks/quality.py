@@ -212,17 +212,35 @@ def summarise(jobs: list[Job]) -> dict[str, Any]:
     return out
 
 
+def trivial_baseline(data_root: Path, case: str) -> float | None:
+    """The score of a model that learned nothing, on the case's test split: the majority class's
+    share (classification) or the mean of 1 / number of choices (multiple choice); None otherwise
+    or when the data is not there."""
+    path = data_root / case.split("/", 1)[1] / "test.jsonl"
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if records and all("label" in r for r in records):
+        labels = [str(r["label"]) for r in records]
+        return max(labels.count(label) for label in set(labels)) / len(labels)
+    if records and all(isinstance(r.get("choices"), list) and r["choices"] for r in records):
+        return sum(1 / len(r["choices"]) for r in records) / len(records)
+    return None
+
+
 def _fmt(stat: dict[str, float] | None, scale: float = 1.0, digits: int = 1) -> str:
     return "—" if not stat else f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
-def markdown(summary: dict[str, Any], env: dict[str, Any]) -> str:
+def markdown(summary: dict[str, Any], env: dict[str, Any], baselines: dict[str, float | None]) -> str:
     lines = [f"Quality of layer selections ({env.get('gpu', 'cpu')}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}). Test metric in %, mean ± std over seeds.", ""]
     for case, methods in summary.items():
         recipe = CASES.get(case)
         lines += [f"### {case}", ""]
         if recipe is not None:
             lines += [f"`{recipe.task}`, r {recipe.r}, lr {recipe.lr:g} (full: {recipe.full_lr:g}), {recipe.epochs:g} epochs, batch {recipe.batch_size}, max length {recipe.max_length}, train samples {recipe.max_train_samples or 'all'}", ""]
+        if baselines.get(case) is not None:
+            lines += [f"Trivial baseline (majority class or 1 / choices) on the test split: {100 * baselines[case]:.1f}%", ""]
         lines += [f"| method | seeds | test {recipe.metric if recipe else 'accuracy'} (%) | trainable params | train time (s) | blocks (seed 0) |", "|---|---|---|---|---|---|"]
         metric = recipe.metric if recipe else "accuracy"
         for method, stats in methods.items():
@@ -234,7 +252,9 @@ def markdown(summary: dict[str, Any], env: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict[str, Any], path: Path) -> None:
+def plot(summary: dict[str, Any], path: Path, baselines: dict[str, float | None]) -> None:
+    """Test metric per method (bars: mean, whiskers: std), one panel per case; the dotted line is
+    the trivial baseline (majority class, or 1 / number of choices)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,8 +263,12 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     cases = [c for c in summary if summary[c]]
     if not cases:
         return
-    fig, axes = plt.subplots(1, len(cases), figsize=(3.2 * len(cases), 3.6), squeeze=False)
-    for ax, case in zip(axes[0], cases):
+    columns = min(4, len(cases))
+    rows = -(-len(cases) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(cases):]:
+        ax.set_visible(False)
+    for ax, case in zip(axes.flat, cases):
         metric = CASES[case].metric if case in CASES else "accuracy"
         names = list(summary[case])
         stats = [summary[case][m]["final"].get("test", {}).get(metric) for m in names]
@@ -256,6 +280,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         ax.invert_yaxis()
         low = min((m - s for m, s in zip(means, stds) if m), default=0.0)
         ax.set_xlim(max(0.0, low - 5), max(means) + max(stds) + 2)
+        if baselines.get(case) is not None:
+            ax.axvline(100 * baselines[case], color="grey", linestyle=":", linewidth=1)
         ax.set_title(case, fontsize=8)
         ax.set_xlabel(f"test {metric} (%)", fontsize=8)
     fig.tight_layout()
@@ -300,8 +326,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=None, help="cap every run's steps (smoke runs)")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds after which no new run starts; the summary covers the finished runs")
     parser.add_argument("--recipe", choices=["encoder", "decoder-gsm", "decoder-choice"], help="recipe for cases not in the table (e.g. a tiny model in a smoke test)")
+    parser.add_argument("--from-json", help="re-render OUT.md and OUT.png from a quality JSON written earlier (no training)")
     parser.add_argument("--out", required=True, help="output path without extension: OUT.json, OUT.md, OUT.png")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        baselines = {case: trivial_baseline(Path(args.data_root), case) for case in saved["summary"]}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out.with_suffix(".md"), markdown(saved["summary"], saved["environment"], baselines))
+        plot(saved["summary"], out.with_suffix(".png"), baselines)
+        return 0
 
     models = parse_models(args.model)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -325,7 +360,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     bf16 = torch.cuda.is_available() and not args.no_bf16
-    out = Path(args.out)
     runs_root = Path(args.runs) if args.runs else out.with_name(out.name + "-runs")
     jobs = []
     for seed in seeds:  # seed-major: every method's first seed finishes before any second seed
@@ -348,11 +382,13 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [{"case": j.case, "method": j.method, "seed": j.seed, "run_dir": str(j.run_dir), "argv": j.argv, "error": j.error, "wall_s": j.wall_s, **(j.result or {})} for j in jobs],
         "summary": summary,
     }
+    baselines = {case: trivial_baseline(data_root, case) for case in cases}
+    result["trivial_baselines"] = baselines
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), result)
-    atomic_write_text(out.with_suffix(".md"), markdown(summary, env))
-    plot(summary, out.with_suffix(".png"))
-    print(markdown(summary, env))
+    atomic_write_text(out.with_suffix(".md"), markdown(summary, env, baselines))
+    plot(summary, out.with_suffix(".png"), baselines)
+    print(markdown(summary, env, baselines))
     failed = [j for j in jobs if j.error]
     for j in failed:
         print(f"FAILED {j.case} {j.method} seed {j.seed}: {j.error} (log: {j.log})", file=sys.stderr)

@@ -111,6 +111,10 @@ def test_quality_benchmark_smoke(tmp_path, tiny_bert_dir, data_files):
     assert 0.0 <= summary["cka-50"]["final"]["test"]["accuracy"]["mean"] <= 1.0
     assert "| cka-50 | 1 |" in (tmp_path / "q.md").read_text()
     assert (tmp_path / "q.png").stat().st_size > 0
+    # the trivial baseline: the majority class of the 12 test rows (labels alternate 0/1 -> 50%)
+    assert data["trivial_baselines"]["minilm/tiny_cls"] == 0.5
+    assert bench.main(["--from-json", str(tmp_path / "q.json"), "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "again")]) == 0
+    assert "Trivial baseline (majority class or 1 / choices) on the test split: 50.0%" in (tmp_path / "again.md").read_text()
     # resumable: the finished runs are read back, not retrained (their metrics files stay untouched)
     stamp = {m: (Path(r["run_dir"]) / "metrics.json").stat().st_mtime_ns for m, r in runs.items()}
     assert bench.main(argv) == 0

@@ -108,3 +108,42 @@ def test_evaluate_examples_scores_each_kind(tiny_lm):
     assert loglik["records"][0]["prediction"] == choose_by_loglik(model, tokenizer, "pick one:", 2) in ("A", "B")
     with pytest.raises(ValueError, match="one kind"):
         evaluate_examples(model, tokenizer, math + choice, progress=False)
+
+
+def _char_tokenizer():
+    """One token per character (" A" is two tokens: " " and "A"), as SentencePiece splits "▁" + "A"."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<unk>", "<s>", "</s>"] + list(" abcdefghijklmnopqrstuvwxyzABCDE:.?")
+    backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+
+
+def test_loglik_choice_scores_multi_token_letters_against_a_float64_reference():
+    """Each letter's forms are scored over all their tokens: with a character tokenizer the first
+    token of every " A"/" B"/... is the same space, so a first-token rule could only ever answer A."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lwlora.evaluation.generation import LETTER_FORMS
+
+    tokenizer = _char_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).double().eval()
+    answers = []
+    for prompt in ["what is it? answer:", "pick: ", "abc.", "the end", "question: which one", "zz"]:
+        reference = []
+        for letter in "ABCD":
+            total = []
+            for form in LETTER_FORMS:
+                ids = tokenizer(prompt + form.format(upper=letter, lower=letter.lower()), return_tensors="pt")["input_ids"]
+                n_prompt = len(tokenizer(prompt)["input_ids"])
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(ids).logits[0], dim=-1)
+                total.append(sum(float(logp[t - 1, ids[0, t]]) for t in range(n_prompt, ids.shape[1])))
+            reference.append(torch.logsumexp(torch.tensor(total, dtype=torch.float64), 0))
+        expected = "ABCD"[int(torch.argmax(torch.stack(reference)))]
+        assert choose_by_loglik(model, tokenizer, prompt, 4) == expected
+        answers.append(expected)
+    assert set(answers) != {"A"}  # the prompts exercise more than the first letter

@@ -5,8 +5,8 @@
   exactly; a non-numeric (MATH) reference must equal the last ``\\boxed{}`` after
   normalisation → ``exact_match``.
 - ``choice``: by generated letter (``answers.extract_choice_letter``) or, with
-  ``choice_mode="loglik"``, by the highest next-token log-probability among the option letters
-  after the prompt (one forward pass, no generation) → ``accuracy``.
+  ``choice_mode="loglik"``, by the most likely option letter after the prompt (its forms " A",
+  "A", " a", "a" together, each scored over all its tokens; no generation) → ``accuracy``.
 - ``code``: the completion is run with the problem's tests in the sandbox (time and memory
   limits, no network, temporary directory, killed process group) → ``pass@1``.
 """
@@ -86,19 +86,61 @@ def generate_greedy(
     return outputs
 
 
+#: the surface forms of an option letter that ``choose_by_loglik`` scores (their probabilities add):
+#: " A" after "Answer:", "A" or "a" at the start of a response line ("a) 40" as in MathQA).
+LETTER_FORMS: tuple[str, ...] = (" {upper}", "{upper}", " {lower}", "{lower}")
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def continuation_logprobs(model: nn.Module, tokenizer: Any, prompt: str, continuations: Sequence[str]) -> list[float]:
+    """log p(continuation | prompt) for each continuation, summed over its tokens, in one batched
+    forward pass (right padding, float32 log-softmax).
+
+    The continuation's tokens are those where ``tokenizer(prompt + continuation)`` departs from
+    ``tokenizer(prompt)``, so a continuation that the tokenizer splits into several pieces
+    (SentencePiece's ``▁`` + ``A``) or merges with the prompt's last token is scored whole.
+    """
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    rows, starts = [], []
+    for text in continuations:
+        full = tokenizer(prompt + text)["input_ids"]
+        start = max(1, _common_prefix(prompt_ids, full))
+        if start >= len(full):
+            raise ValueError(f"continuation {text!r} adds no token after the prompt")
+        rows.append(full)
+        starts.append(start)
+    width = max(len(row) for row in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = _device(model)
+    ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=device)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    scores = []
+    for i, (row, start) in enumerate(zip(rows, starts)):
+        positions = torch.arange(start, len(row), device=device)
+        scores.append(float(logprobs[i, positions - 1, ids[i, positions]].sum()))
+    return scores
+
+
 def choose_by_loglik(
     model: nn.Module, tokenizer: Any, prompt: str, num_choices: int
 ) -> str:
-    """The option letter whose token (" A", " B", ...) is most likely right after ``prompt``."""
+    """The option letter most likely right after ``prompt``: for each letter the probabilities of
+    its forms (``LETTER_FORMS``: " A", "A", " a", "a") add, each form scored over all its tokens
+    (``continuation_logprobs``)."""
     letters = string.ascii_uppercase[:num_choices]
-    token_ids = [
-        tokenizer(f" {letter}", add_special_tokens=False)["input_ids"][0]
-        for letter in letters
-    ]
-    encoded = tokenizer(prompt, return_tensors="pt").to(_device(model))
-    with torch.inference_mode():
-        logits = model(**encoded).logits[0, -1]
-    return letters[int(torch.argmax(logits[token_ids]))]
+    forms = [form.format(upper=letter, lower=letter.lower()) for letter in letters for form in LETTER_FORMS]
+    scores = torch.tensor(continuation_logprobs(model, tokenizer, prompt, forms)).view(len(letters), len(LETTER_FORMS))
+    return letters[int(torch.argmax(torch.logsumexp(scores, dim=1)))]
 
 
 def math_answer_matches(generation: str, reference: str) -> tuple[str | None, bool]:
