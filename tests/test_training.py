@@ -255,6 +255,8 @@ def test_full_fine_tuning_trains_everything(tiny_bert_dir, cls_dir, tmp_path):
         ({"lr": 0.0}, "--lr"),
         ({"layers": "0,9", "num_layers": None}, "--layers"),
         ({"target_modules": "no_such_proj"}, "--target-modules"),
+        ({"modules_to_save": "no_such_module"}, "--modules-to-save"),
+        ({"modules_to_save": " , "}, "--modules-to-save"),
     ],
 )
 def test_bad_input_names_the_flag_and_writes_nothing(tiny_bert_dir, cls_dir, tmp_path, overrides, flag):
@@ -291,3 +293,25 @@ def test_merged_export_matches_the_adapted_model(tiny_bert_dir, cls_dir, tmp_pat
     assert not any("lora_" in name for name, _ in merged.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, result.model.eval()(**batch).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_modules_to_save_trains_the_pooler_too(tiny_bert_dir, cls_dir, tmp_path):
+    """BERT's pooler sits between the blocks and the classifier; PEFT's SEQ_CLS default keeps it
+    frozen. --modules-to-save pooler trains it in full, saves it with the adapter and reloads it."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    result = train(config(tiny_bert_dir, cls_dir, tmp_path / "run", layers="1", num_layers=None, max_steps=6, modules_to_save="pooler"))
+    trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert any(".modules_to_save." in n and "pooler" in n for n in trainable)
+    assert any(".modules_to_save." in n and "classifier" in n for n in trainable)  # the head still trains
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    pooler_params = sum(p.numel() for p in base.bert.pooler.parameters())
+    without = train(config(tiny_bert_dir, cls_dir, tmp_path / "plain", layers="1", num_layers=None, max_steps=1))
+    assert result.metrics["params"]["head"] == without.metrics["params"]["head"] + pooler_params
+    trained = {n.split(".modules_to_save.")[0] + n.split(".modules_to_save.default")[1]: p.detach().clone() for n, p in result.model.named_parameters() if ".modules_to_save." in n and "pooler" in n}
+    reloaded = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2), str(result.run_dir / "adapter"))
+    restored = {n.split(".modules_to_save.")[0] + n.split(".modules_to_save.default")[1]: p for n, p in reloaded.named_parameters() if ".modules_to_save." in n and "pooler" in n}
+    assert trained.keys() == restored.keys() and all(torch.equal(trained[k], restored[k]) for k in trained)
+    original = dict(base.bert.pooler.named_parameters())
+    assert any(not torch.equal(value, original[name.split("pooler.")[1]]) for name, value in trained.items())  # it did train

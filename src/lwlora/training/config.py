@@ -36,6 +36,7 @@ class TrainConfig:
     alpha: float | None = None  # default 2 r
     dropout: float = 0.05
     target_modules: str = "auto"  # auto or comma-separated module names
+    modules_to_save: str | None = None  # comma-separated modules trained in full besides the head PEFT's task type keeps (e.g. pooler)
     # equal-budget baseline and importance-weighted ranks (lwlora.budget)
     budget_from_ratio: float | None = None  # with --layers all: rank scaled to the budget of floor(ratio x L) blocks
     rank_allocation: Literal["uniform", "importance"] = "uniform"
@@ -136,6 +137,11 @@ class TrainConfig:
             raise ConfigError("--eval-splits", f"must name at least one split, e.g. validation,test; got {self.eval_splits!r}")
         if self.tower not in ("language", "vision"):
             raise ConfigError("--tower", f"must be 'language' or 'vision', got {self.tower!r}")
+        if self.modules_to_save is not None:
+            if not [part for part in self.modules_to_save.split(",") if part.strip()]:
+                raise ConfigError("--modules-to-save", f"must name at least one module, e.g. pooler; got {self.modules_to_save!r}")
+            if self.method == "full":
+                raise ConfigError("--modules-to-save", "applies to adapters; --method full trains every module already")
         if self.choice_mode not in ("letter", "loglik"):
             raise ConfigError("--choice-mode", f"must be 'letter' or 'loglik', got {self.choice_mode!r}")
         if self.bf16 and self.fp16:
@@ -168,8 +174,9 @@ class TrainConfig:
         if "layers" in normalised and not isinstance(normalised["layers"], str):
             value = normalised["layers"]
             normalised["layers"] = ",".join(str(i) for i in value) if isinstance(value, (list, tuple)) else str(value)
-        if isinstance(normalised.get("target_modules"), (list, tuple)):
-            normalised["target_modules"] = ",".join(normalised["target_modules"])
+        for key in ("target_modules", "modules_to_save"):
+            if isinstance(normalised.get(key), (list, tuple)):
+                normalised[key] = ",".join(normalised[key])
         return cls(**normalised)
 
     def identity(self) -> dict[str, Any]:

@@ -117,6 +117,16 @@ def load_training_model(config: TrainConfig, source: str, gguf_file: str | None,
     return model
 
 
+def check_modules_to_save(model: nn.Module, names: list[str]) -> None:
+    """Every ``--modules-to-save`` name must be a module of ``model`` (matched as PEFT does: the
+    whole dotted name or its last components), or PEFT would silently train nothing extra."""
+    paths = [name for name, _ in model.named_modules() if name]
+    missing = [n for n in names if not any(p == n or p.endswith("." + n) for p in paths)]
+    if missing:
+        tops = sorted({p.split(".")[-1] for p in paths if "layer" not in p})[:12]
+        raise ConfigError("--modules-to-save", f"no module named {', '.join(missing)} in the model; e.g. {', '.join(tops)}")
+
+
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Parameter counts. ``total`` is the base model (adapter weights and PEFT's trainable copies
     of saved modules excluded); ``adapter`` the LoRA weights; ``head`` the fully trained extra
@@ -303,7 +313,10 @@ def train(config: TrainConfig) -> TrainResult:
         task_type = "CAUSAL_LM" if task.kind == "causal_lm" else "SEQ_CLS"
         plan = plan_ranks(config, selection, stack, model, tokenizer, model_kind, task)
         ranks = plan["ranks"]
-        model = apply_selection(model, selection, method=config.method, r=plan["r"], alpha=plan["alpha"], dropout=config.dropout, target_modules=config.target_modules, task_type=task_type, **plan["peft_patterns"])
+        extra_modules = [m.strip() for m in config.modules_to_save.split(",") if m.strip()] if config.modules_to_save else None
+        if extra_modules:
+            check_modules_to_save(model, extra_modules)
+        model = apply_selection(model, selection, method=config.method, r=plan["r"], alpha=plan["alpha"], dropout=config.dropout, target_modules=config.target_modules, task_type=task_type, modules_to_save=extra_modules, **plan["peft_patterns"])
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     params = count_parameters(model)
