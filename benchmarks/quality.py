@@ -29,6 +29,7 @@ command can be repeated until every run is done. Writes ``OUT.json`` (every run 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -68,6 +69,10 @@ class Recipe:
 
 
 ENCODER = Recipe("classification", "accuracy", r=8, lr=5e-4, full_lr=5e-5, epochs=3, batch_size=32, max_length=128, max_train_samples=4000, max_eval_samples=1000, extra=("--warmup", "0.06"))
+#: BERT-family encoders (MiniLM) put a pooler (dense + tanh) between the blocks and the classifier;
+#: PEFT keeps it frozen, and with all-MiniLM-L6-v2's stale pooler LoRA then does not learn the pair
+#: tasks at all (every method at the majority class). Trained in full, as the classifier is.
+ENCODER_WITH_POOLER = dataclasses.replace(ENCODER, extra=(*ENCODER.extra, "--modules-to-save", "pooler"))
 DECODER_GSM = Recipe("instruction", "exact_match", r=16, lr=2e-4, full_lr=2e-5, epochs=2, batch_size=16, max_length=384, extra=("--warmup", "0.03", "--max-new-tokens", "256"))
 DECODER_CHOICE = Recipe("instruction", "accuracy", r=16, lr=2e-4, full_lr=2e-5, epochs=2, batch_size=16, max_length=256, max_train_samples=3000, max_eval_samples=1000, extra=("--warmup", "0.03", "--choice-mode", "loglik"))
 
@@ -80,7 +85,8 @@ MODELS = {
 
 #: case "model/task folder of --data-root" -> recipe
 CASES: dict[str, Recipe] = {
-    **{f"{m}/{t}": ENCODER for m in ("minilm", "mpnet") for t in ("sentiment_multiemo", "nli_vitaminc", "rte_epistemic")},
+    **{f"minilm/{t}": ENCODER_WITH_POOLER for t in ("sentiment_multiemo", "nli_vitaminc", "rte_epistemic")},
+    **{f"mpnet/{t}": ENCODER for t in ("sentiment_multiemo", "nli_vitaminc", "rte_epistemic")},
     "smollm2/math_gsm_symbolic": DECODER_GSM,
     "smollm2/mathqa_choice": DECODER_CHOICE,
 }
@@ -232,13 +238,14 @@ def _fmt(stat: dict[str, float] | None, scale: float = 1.0, digits: int = 1) -> 
     return "—" if not stat else f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
-def markdown(summary: dict[str, Any], env: dict[str, Any], baselines: dict[str, float | None]) -> str:
+def markdown(summary: dict[str, Any], env: dict[str, Any], baselines: dict[str, float | None], recipes: dict[str, dict[str, Any]]) -> str:
+    """One table per case; ``recipes``: case -> the recipe the runs used (as saved in the JSON)."""
     lines = [f"Quality of layer selections ({env.get('gpu', 'cpu')}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}). Test metric in %, mean ± std over seeds.", ""]
     for case, methods in summary.items():
-        recipe = CASES.get(case)
+        recipe = Recipe(**{**recipes[case], "extra": tuple(recipes[case]["extra"])}) if case in recipes else None
         lines += [f"### {case}", ""]
         if recipe is not None:
-            lines += [f"`{recipe.task}`, r {recipe.r}, lr {recipe.lr:g} (full: {recipe.full_lr:g}), {recipe.epochs:g} epochs, batch {recipe.batch_size}, max length {recipe.max_length}, train samples {recipe.max_train_samples or 'all'}", ""]
+            lines += [f"`{recipe.task}`, r {recipe.r}, lr {recipe.lr:g} (full: {recipe.full_lr:g}), {recipe.epochs:g} epochs, batch {recipe.batch_size}, max length {recipe.max_length}, train samples {recipe.max_train_samples or 'all'}, `{' '.join(recipe.extra)}`", ""]
         if baselines.get(case) is not None:
             lines += [f"Trivial baseline (majority class or 1 / choices) on the test split: {100 * baselines[case]:.1f}%", ""]
         lines += [f"| method | seeds | test {recipe.metric if recipe else 'accuracy'} (%) | trainable params | train time (s) | blocks (seed 0) |", "|---|---|---|---|---|---|"]
@@ -252,7 +259,7 @@ def markdown(summary: dict[str, Any], env: dict[str, Any], baselines: dict[str, 
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict[str, Any], path: Path, baselines: dict[str, float | None]) -> None:
+def plot(summary: dict[str, Any], path: Path, baselines: dict[str, float | None], recipes: dict[str, dict[str, Any]]) -> None:
     """Test metric per method (bars: mean, whiskers: std), one panel per case; the dotted line is
     the trivial baseline (majority class, or 1 / number of choices)."""
     import matplotlib
@@ -269,7 +276,7 @@ def plot(summary: dict[str, Any], path: Path, baselines: dict[str, float | None]
     for ax in axes.flat[len(cases):]:
         ax.set_visible(False)
     for ax, case in zip(axes.flat, cases):
-        metric = CASES[case].metric if case in CASES else "accuracy"
+        metric = recipes.get(case, {}).get("metric", "accuracy")
         names = list(summary[case])
         stats = [summary[case][m]["final"].get("test", {}).get(metric) for m in names]
         means = [100 * s["mean"] if s else 0.0 for s in stats]
@@ -334,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(Path(args.from_json).read_text())
         baselines = {case: trivial_baseline(Path(args.data_root), case) for case in saved["summary"]}
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out.with_suffix(".md"), markdown(saved["summary"], saved["environment"], baselines))
-        plot(saved["summary"], out.with_suffix(".png"), baselines)
+        atomic_write_text(out.with_suffix(".md"), markdown(saved["summary"], saved["environment"], baselines, saved["recipes"]))
+        plot(saved["summary"], out.with_suffix(".png"), baselines, saved["recipes"])
         return 0
 
     models = parse_models(args.model)
@@ -386,9 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     result["trivial_baselines"] = baselines
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), result)
-    atomic_write_text(out.with_suffix(".md"), markdown(summary, env, baselines))
-    plot(summary, out.with_suffix(".png"), baselines)
-    print(markdown(summary, env, baselines))
+    atomic_write_text(out.with_suffix(".md"), markdown(summary, env, baselines, result["recipes"]))
+    plot(summary, out.with_suffix(".png"), baselines, result["recipes"])
+    print(markdown(summary, env, baselines, result["recipes"]))
     failed = [j for j in jobs if j.error]
     for j in failed:
         print(f"FAILED {j.case} {j.method} seed {j.seed}: {j.error} (log: {j.log})", file=sys.stderr)
