@@ -122,11 +122,15 @@ def build_argv(case: str, method: str, seed: int, *, model: str, data_root: Path
     """The ``lwlora train`` arguments of one run."""
     _, task_dir = case.split("/", 1)
     lr = recipe.full_lr if method == "full" else recipe.lr
+    extra = list(recipe.extra)
+    if method == "full" and "--modules-to-save" in extra:  # full fine-tuning trains every module already
+        at = extra.index("--modules-to-save")
+        del extra[at : at + 2]
     argv = [
         "train", model, "--task", recipe.task, "--data", str(data_root / task_dir), "--out", str(run_dir),
         *METHODS[method], "--r", str(recipe.r), "--lr", str(lr), "--epochs", str(recipe.epochs),
         "--batch-size", str(recipe.batch_size), "--max-length", str(recipe.max_length), "--seed", str(seed),
-        "--eval-splits", "test", "--eval-every", "1000000", "--eval-batch-size", "64", "--dropout", "0.05", "--save-every", "1000000", "--logging-steps", "10", "--no-progress", *recipe.extra,
+        "--eval-splits", "test", "--eval-every", "1000000", "--eval-batch-size", "64", "--dropout", "0.05", "--save-every", "1000000", "--logging-steps", "10", "--no-progress", *extra,
     ]
     if recipe.max_train_samples:
         argv += ["--max-train-samples", str(recipe.max_train_samples)]

@@ -131,3 +131,19 @@ def test_quality_benchmark_rejects_bad_input(tmp_path):
         bench.main(["--model", "bert=/x", "--out", str(tmp_path / "q")])
     with pytest.raises(SystemExit, match="--data-root"):
         bench.main(["--case", "minilm/rte_epistemic", "--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "q")])
+
+
+def test_quality_recipe_flags_fit_every_method(tmp_path):
+    """Every method's command line for every case parses as `lwlora train` flags and builds a
+    valid TrainConfig (e.g. no --modules-to-save with --method full)."""
+    from lwlora.cli import build_parser
+    from lwlora.training.config import TrainConfig
+
+    bench = load_script("quality")
+    parser = build_parser()
+    for case, recipe in bench.CASES.items():
+        for method in bench.METHODS:
+            argv = bench.build_argv(case, method, 0, model="m", data_root=tmp_path, run_dir=tmp_path / "run", recipe=recipe, bf16=False, max_steps=None)
+            args = parser.parse_args(argv)
+            fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
+            TrainConfig(**fields)  # raises ConfigError on a combination lwlora train refuses
