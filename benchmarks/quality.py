@@ -21,8 +21,9 @@ Methods (all at ratio 0.5 where a ratio applies):
         --model mpnet=/path/to/all-mpnet-base-v2
     python benchmarks/quality.py --case minilm/rte_epistemic --methods all-layer,cka-50 --seeds 0 --out /tmp/q
 
-Runs are resumable: a run directory that holds ``metrics.json`` is read, not retrained, so the
-command can be repeated until every run is done. Writes ``OUT.json`` (every run and the summary),
+Runs are resumable: a run that finished (``metrics.json``) with the same ``lwlora train`` command
+line (kept in ``RUN.argv.json``) is read, not retrained, so the command can be repeated until every
+run is done; a run of another recipe is trained again. Writes ``OUT.json`` (every run and the summary),
 ``OUT.md`` (one table per case) and ``OUT.png`` (test metric per method and case, mean ± std).
 """
 
@@ -158,9 +159,23 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
     }
 
 
+def _argv_file(job: Job) -> Path:
+    return job.run_dir.parent / f"{job.run_dir.name}.argv.json"
+
+
+def finished(job: Job) -> dict[str, Any] | None:
+    """The run's results if it finished with exactly this command line (a run of an older recipe
+    is trained again), else None."""
+    stored = _argv_file(job)
+    if not stored.is_file() or json.loads(stored.read_text()) != job.argv:
+        return None
+    return read_run(job.run_dir)
+
+
 def execute(job: Job, gpu: str | None) -> None:
-    """Run one job in its own process (``python -m lwlora train ...``); a finished run is only read."""
-    job.result = read_run(job.run_dir)
+    """Run one job in its own process (``python -m lwlora train ...``); a run that finished with the
+    same command line is only read."""
+    job.result = finished(job)
     if job.result is not None:
         return
     cache = tempfile.mkdtemp(prefix="lwlora-quality-")  # one datasets cache per run: no cross-process file locks
@@ -181,6 +196,8 @@ def execute(job: Job, gpu: str | None) -> None:
         job.error = f"exit {done.returncode}: " + " / ".join(tail)
         return
     job.result = read_run(job.run_dir)
+    if job.result is not None:
+        atomic_write_json(_argv_file(job), job.argv)
 
 
 def run_jobs(jobs: list[Job], *, workers: int, gpus: list[str | None], time_limit: float | None = None) -> None:
@@ -192,7 +209,7 @@ def run_jobs(jobs: list[Job], *, workers: int, gpus: list[str | None], time_limi
     def work(index_job: tuple[int, Job]) -> None:
         index, job = index_job
         if time_limit is not None and time.perf_counter() - started > time_limit:
-            job.result = read_run(job.run_dir)
+            job.result = finished(job)
             if job.result is None:
                 job.error = "not run: --time-limit reached (run the command again to continue)"
         else:

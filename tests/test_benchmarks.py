@@ -119,6 +119,13 @@ def test_quality_benchmark_smoke(tmp_path, tiny_bert_dir, data_files):
     stamp = {m: (Path(r["run_dir"]) / "metrics.json").stat().st_mtime_ns for m, r in runs.items()}
     assert bench.main(argv) == 0
     assert stamp == {m: (Path(r["run_dir"]) / "metrics.json").stat().st_mtime_ns for m, r in runs.items()}
+    # ... but a run made with another command line (an older recipe) is trained again
+    argv_file = Path(runs["cka-50"]["run_dir"]).parent / "cka-50-seed0.argv.json"
+    argv_file.write_text(json.dumps(["train", "older", "recipe"]))
+    assert bench.main(argv) == 0
+    assert (Path(runs["cka-50"]["run_dir"]) / "metrics.json").stat().st_mtime_ns != stamp["cka-50"]
+    assert (Path(runs["all-layer"]["run_dir"]) / "metrics.json").stat().st_mtime_ns == stamp["all-layer"]
+    assert json.loads(argv_file.read_text())[0] == "train" and "older" not in json.loads(argv_file.read_text())
 
 
 def test_quality_benchmark_rejects_bad_input(tmp_path):
