@@ -315,3 +315,31 @@ def test_modules_to_save_trains_the_pooler_too(tiny_bert_dir, cls_dir, tmp_path)
     assert trained.keys() == restored.keys() and all(torch.equal(trained[k], restored[k]) for k in trained)
     original = dict(base.bert.pooler.named_parameters())
     assert any(not torch.equal(value, original[name.split("pooler.")[1]]) for name, value in trained.items())  # it did train
+
+
+def test_newly_initialized_modules_before_the_head_are_trained(tiny_bert_dir, cls_dir, tmp_path):
+    """A checkpoint without BERT's pooler (sentence-transformers and DeBERTa's ContextPooler are like
+    this) leaves it randomly initialised; frozen, it could only scramble the CLS state, so it is
+    trained in full with the head. The blocks and the pretrained parts stay as PEFT leaves them."""
+    import shutil
+
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from lwlora.training.trainer import newly_initialized_modules
+
+    no_pooler = tmp_path / "no-pooler"
+    AutoModel.from_pretrained(tiny_bert_dir, add_pooling_layer=False).save_pretrained(no_pooler)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (tiny_bert_dir / name).exists():
+            shutil.copy(tiny_bert_dir / name, no_pooler / name)
+    model, info = AutoModelForSequenceClassification.from_pretrained(no_pooler, num_labels=2, output_loading_info=True)
+    assert newly_initialized_modules(model, info["missing_keys"]) == ("bert.pooler.dense",)
+    full = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2, output_loading_info=True)
+    assert newly_initialized_modules(full[0], full[1]["missing_keys"]) == ()  # only the classifier is new: PEFT trains it
+
+    result = train(config(no_pooler, cls_dir, tmp_path / "run", layers="1", num_layers=None, max_steps=2))
+    trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert any(".modules_to_save." in n and "pooler" in n for n in trainable)
+    assert all(("lora_" in n) or (".modules_to_save." in n) for n in trainable)
+    plain = train(config(tiny_bert_dir, cls_dir, tmp_path / "plain", layers="1", num_layers=None, max_steps=1))
+    assert not any("pooler" in n for n, p in plain.model.named_parameters() if p.requires_grad)  # a pretrained pooler stays frozen

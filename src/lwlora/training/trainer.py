@@ -105,7 +105,8 @@ def load_training_model(config: TrainConfig, source: str, gguf_file: str | None,
             elif task.label_names:
                 extra["id2label"] = dict(enumerate(task.label_names))
                 extra["label2id"] = {name: i for i, name in enumerate(task.label_names)}
-            model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs, **extra)
+            model, loading = AutoModelForSequenceClassification.from_pretrained(source, **kwargs, **extra, output_loading_info=True)
+            model.lwlora_new_head_modules = newly_initialized_modules(model, loading.get("missing_keys", ()))
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -115,6 +116,30 @@ def load_training_model(config: TrainConfig, source: str, gguf_file: str | None,
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = getattr(tokenizer, "tokenizer", tokenizer).pad_token_id
     return model
+
+
+#: the heads PEFT's SEQ_CLS task type trains in full already
+PEFT_SEQ_CLS_HEADS = ("classifier", "score")
+
+
+def newly_initialized_modules(model: nn.Module, missing_keys: Any) -> tuple[str, ...]:
+    """Modules outside the block stack whose weights the checkpoint lacked (randomly initialised:
+    a pooler, a pre-classifier), other than the head PEFT trains anyway. A random layer that stays
+    frozen between the blocks and the classifier only hurts, so these are trained in full.
+
+    ``missing_keys``: parameter names from ``from_pretrained(..., output_loading_info=True)``."""
+    from lwlora.blocks import find_block_stacks
+
+    stacks = [stack.path + "." for stack in find_block_stacks(model)]
+    modules = []
+    for key in sorted(missing_keys):
+        path = key.rsplit(".", 1)[0] if "." in key else ""
+        if not path or any(key.startswith(prefix) for prefix in stacks):
+            continue
+        if any(path == head or path.startswith(head + ".") or path.endswith("." + head) for head in PEFT_SEQ_CLS_HEADS):
+            continue
+        modules.append(path)
+    return tuple(dict.fromkeys(modules))
 
 
 def check_modules_to_save(model: nn.Module, names: list[str]) -> None:
@@ -313,9 +338,14 @@ def train(config: TrainConfig) -> TrainResult:
         task_type = "CAUSAL_LM" if task.kind == "causal_lm" else "SEQ_CLS"
         plan = plan_ranks(config, selection, stack, model, tokenizer, model_kind, task)
         ranks = plan["ranks"]
-        extra_modules = [m.strip() for m in config.modules_to_save.split(",") if m.strip()] if config.modules_to_save else None
+        extra_modules = [m.strip() for m in config.modules_to_save.split(",") if m.strip()] if config.modules_to_save else []
         if extra_modules:
             check_modules_to_save(model, extra_modules)
+        fresh = [m for m in getattr(model, "lwlora_new_head_modules", ()) if not any(m == e or m.endswith("." + e) for e in extra_modules)]
+        if fresh:
+            logger.warning("training in full the newly initialised module(s) %s (not in the checkpoint; a frozen random layer before the classifier cannot learn)", ", ".join(fresh))
+            extra_modules += fresh
+        extra_modules = extra_modules or None
         model = apply_selection(model, selection, method=config.method, r=plan["r"], alpha=plan["alpha"], dropout=config.dropout, target_modules=config.target_modules, task_type=task_type, modules_to_save=extra_modules, **plan["peft_patterns"])
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
