@@ -336,6 +336,7 @@ def test_newly_initialized_modules_before_the_head_are_trained(tiny_bert_dir, cl
     assert newly_initialized_modules(model, info["missing_keys"]) == ("bert.pooler.dense",)
     full = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2, output_loading_info=True)
     assert newly_initialized_modules(full[0], full[1]["missing_keys"]) == ()  # only the classifier is new: PEFT trains it
+    assert newly_initialized_modules(full[0], ["bert.embeddings.position_ids", "bert.encoder.layer.0.output.dense.weight"]) == ()  # buffers and blocks are not head layers
 
     result = train(config(no_pooler, cls_dir, tmp_path / "run", layers="1", num_layers=None, max_steps=2))
     trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}

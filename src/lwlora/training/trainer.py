@@ -131,10 +131,12 @@ def newly_initialized_modules(model: nn.Module, missing_keys: Any) -> tuple[str,
     from lwlora.blocks import find_block_stacks
 
     stacks = [stack.path + "." for stack in find_block_stacks(model)]
+    parameters = {name for name, _ in model.named_parameters()}
     modules = []
     for key in sorted(missing_keys):
         path = key.rsplit(".", 1)[0] if "." in key else ""
-        if not path or any(key.startswith(prefix) for prefix in stacks):
+        # parameters only (a missing buffer is not a random layer), outside the blocks
+        if not path or key not in parameters or any(key.startswith(prefix) for prefix in stacks):
             continue
         if any(path == head or path.startswith(head + ".") or path.endswith("." + head) for head in PEFT_SEQ_CLS_HEADS):
             continue
