@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import train_cost  # noqa: E402
 from train_cost import make_selection, selections  # noqa: E402
 
 from lwlora.blocks import resolve_block_stack  # noqa: E402
@@ -62,18 +63,9 @@ CASES = {
 
 
 def build_model(case: Case, device: torch.device):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    if case.name == "tiny":
-        config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2)
-        dtype = torch.float32
-    else:
-        config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-        dtype = torch.bfloat16
-    torch.manual_seed(0)  # the same random weights in every process and every run
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model
+    """train_cost's model of the same name, with the same random weights in every process and run."""
+    torch.manual_seed(0)
+    return train_cost.build_model(train_cost.CASES[case.name], str(device))
 
 
 def make_data(case: Case, vocab: int) -> torch.Tensor:

@@ -199,6 +199,18 @@ def resolve_columns(columns: list[str], text_column: str | None, text_pair_colum
     return text_column, text_pair_column, template
 
 
+def load_sample_records(spec: str, num_samples: int) -> tuple[Records, list[str]]:
+    """(records, column names) of ``--data`` for drawing ``num_samples`` selection samples; an
+    invalid count or empty data is a one-line ``ConfigError``."""
+    if num_samples < 1:
+        raise ConfigError("--num-samples", f"must be at least 1, got {num_samples}")
+    records = load_records(spec)
+    if len(records) == 0:
+        raise ConfigError("--data", f"{spec} holds no records")
+    columns = list(records.column_names) if hasattr(records, "column_names") else list(records[0].keys())
+    return records, columns
+
+
 def load_text_samples(
     spec: str,
     *,
@@ -209,12 +221,7 @@ def load_text_samples(
     template: str | None = None,
 ) -> TextSamples:
     """Draw ``num_samples`` records (all if fewer) with ``random.Random(seed)`` and render them."""
-    if num_samples < 1:
-        raise ConfigError("--num-samples", f"must be at least 1, got {num_samples}")
-    records = load_records(spec)
-    if len(records) == 0:
-        raise ConfigError("--data", f"{spec} holds no records")
-    columns = list(records.column_names) if hasattr(records, "column_names") else list(records[0].keys())
+    records, columns = load_sample_records(spec, num_samples)
     text_column, text_pair_column, template = resolve_columns(columns, text_column, text_pair_column, template)
     indices = list(range(len(records)))
     if num_samples < len(records):

@@ -150,14 +150,9 @@ def load_image_text_samples(spec: str, *, image_column: str, num_samples: int = 
     with their image in ``image_column``: a path (relative to the data file), or an image column."""
     import random
 
-    from lwlora.data import load_records, resolve_columns
+    from lwlora.data import load_sample_records, resolve_columns
 
-    if num_samples < 1:
-        raise ConfigError("--num-samples", f"must be at least 1, got {num_samples}")
-    records = load_records(spec)
-    if len(records) == 0:
-        raise ConfigError("--data", f"{spec} holds no records")
-    columns = list(records.column_names) if hasattr(records, "column_names") else list(records[0].keys())
+    records, columns = load_sample_records(spec, num_samples)
     if image_column not in columns:
         raise ConfigError("--image-column", f"column {image_column!r} not found; the data has {columns}")
     text_columns = [c for c in columns if c != image_column]

@@ -18,10 +18,7 @@ import torch
 from torch import nn
 
 from lwlora.evaluation.answers import extract_choice_letter
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(p.device for p in model.parameters())
+from lwlora.evaluation.generation import _device
 
 
 def _batches(examples: Sequence[Any], processor: Any, batch_size: int, progress: bool, desc: str):
