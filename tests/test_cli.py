@@ -160,6 +160,27 @@ def test_decoder_happy_path(llama_run, tiny_llama_dir):
     assert config.get("pad_token") is None
 
 
+@pytest.mark.parametrize(("run", "model_fixture", "num_layers"), [("bert_run", "tiny_bert_dir", 3), ("llama_run", "tiny_llama_dir", 4)])
+def test_statistics_covariance_scores_like_the_rows(run, model_fixture, num_layers, request, data_files, tmp_path):
+    """--statistics covariance keeps only d x d statistics per block, whatever n, and scores every
+    block as the rows do (the default auto keeps the rows at n = 16); BERT's degenerate block 0 stays degenerate."""
+    from lwlora.streaming import CKAStatistics
+
+    rows_out = request.getfixturevalue(run)[3]
+    out = tmp_path / "sel"
+    code, _, stderr = run_cli(select_args(request.getfixturevalue(model_fixture), data_files.jsonl, out, "--statistics", "covariance"))
+    assert code == 0, stderr
+    rows, streamed = load_selection(rows_out), load_selection(out)
+    assert rows["diagnostics"]["statistics"] == {"requested": "auto", "kept": "rows", "state_bytes": num_layers * 16 * (32 + 32) * 4}
+    assert streamed["diagnostics"]["statistics"] == {"requested": "covariance", "kept": "covariance", "state_bytes": num_layers * CKAStatistics.state_nbytes(32, 32)}
+    for got, expected in zip(streamed["layers"], rows["layers"]):
+        assert (got["degenerate"], got["reason"], got["fallback"]) == (expected["degenerate"], expected["reason"], expected["fallback"])
+        assert got["cka"] == (None if expected["cka"] is None else pytest.approx(expected["cka"], rel=1e-9))
+    assert streamed["selected"] == rows["selected"]
+    if run == "bert_run":
+        assert streamed["layers"][0]["degenerate"]
+
+
 def test_same_inputs_same_scores(bert_run, tiny_bert_dir, data_files, tmp_path):
     first = load_selection(bert_run[3])
     code, _, stderr = run_cli(select_args(tiny_bert_dir, data_files.jsonl, tmp_path / "again"))
@@ -360,6 +381,9 @@ def _cases():
         ("unknown-builtin-data", bert("builtin:nope"), "--data", ["builtin:humaneval"]),
         ("unknown-builtin-model", lambda d: ("builtin:nope", d["jsonl"], []), "MODEL", ["builtin:minilm"]),
         ("gguf-file-missing", bert("jsonl", "--gguf-file", "model.gguf"), "--gguf-file", ["model.gguf"]),
+        ("statistics-covariance-needs-cka", bert("jsonl", "--statistics", "covariance", "--scorer", "bi"), "--statistics", ["bi", "--statistics auto or rows"]),
+        ("statistics-covariance-with-bootstrap", bert("jsonl", "--statistics", "covariance", "--bootstrap", "5"), "--statistics", ["--bootstrap"]),
+        ("unknown-statistics", bert("jsonl", "--statistics", "sketch"), "--statistics", ["sketch"]),
     ]
 
 

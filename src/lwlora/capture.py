@@ -12,8 +12,12 @@ work:
 - ``last``: the last real token (the paper's choice for decoders);
 - ``mean``: the mean over real tokens.
 
-Statistics are kept in float32 whatever the weights' dtype, gathered on the device of the input
+Pooled vectors are float32 whatever the weights' dtype, gathered on the device of the input
 embeddings, so models spread over several devices (``device_map="auto"``) work unchanged.
+
+What is kept (``statistics``): the pooled (n, d) rows of every block, or — memory bounded in n —
+only their linear-CKA statistics (:mod:`lwlora.streaming`, float64), from the first batch
+(``covariance``) or from when the rows would outgrow them (``auto``, the default).
 """
 
 from __future__ import annotations
@@ -26,8 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from lwlora.blocks import BlockStack
+from lwlora.streaming import CKAStatistics
 
 POOLINGS: tuple[str, ...] = ("cls", "last", "mean")
+#: What a capture keeps per block; see ``capture_block_representations(statistics=...)``.
+STATISTICS: tuple[str, ...] = ("rows", "covariance", "auto")
 
 
 class _StopForward(Exception):
@@ -113,6 +120,101 @@ class BlockRepresentations:
     def num_samples(self) -> int:
         return self.inputs[0].shape[0] if self.inputs else 0
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows held, alternates included (numel × element size)."""
+        own = sum(t.numel() * t.element_size() for t in (*self.inputs, *self.outputs))
+        return own + sum(alt.nbytes for alt in self.alternates.values())
+
+    def pair(self, index: int) -> tuple[Tensor, Tensor]:
+        """Block ``blocks[index]``'s (input (n, d), output (n, d')) rows, for :func:`lwlora.scoring.score_pair`."""
+        return self.inputs[index], self.outputs[index]
+
+
+@dataclass
+class BlockStatistics:
+    """Streamed linear-CKA statistics of pooled block inputs and outputs: ``statistics[i]``
+    summarises block ``blocks[i]``'s (n, d) input and (n, d') output rows (see
+    :mod:`lwlora.streaming`); the rows themselves are not kept."""
+
+    blocks: list[int]
+    statistics: list[CKAStatistics]
+    pooling: str = "last"
+    #: the same blocks under other poolings captured in the same pass (``extra_poolings``)
+    alternates: dict[str, "BlockStatistics"] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return self.statistics[0].count if self.statistics else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the statistics held, alternates included (numel × element size)."""
+        own = sum(stats.nbytes for stats in self.statistics)
+        return own + sum(alt.nbytes for alt in self.alternates.values())
+
+    def pair(self, index: int) -> CKAStatistics:
+        """Block ``blocks[index]``'s statistics, for :func:`lwlora.scoring.score_pair`."""
+        return self.statistics[index]
+
+
+#: What a capture returns: the rows, or their streamed statistics.
+Captured = BlockRepresentations | BlockStatistics
+
+
+class _BlockCollector:
+    """One block's pooled (input, output) batches under one pooling: kept as rows, or absorbed
+    into :class:`CKAStatistics` once ``streaming``."""
+
+    def __init__(self, streaming: bool) -> None:
+        self.streaming = streaming
+        self.inputs: list[Tensor] = []
+        self.outputs: list[Tensor] = []
+        self.statistics: CKAStatistics | None = None
+        self.pending: Tensor | None = None  # this batch's pooled input, until its output arrives
+        self.batches = 0
+        self.num_rows = 0
+        self.rows_nbytes = 0
+
+    def add(self, y: Tensor) -> None:
+        """Take the batch's pooled output (b, d') with the pending pooled input (b, d)."""
+        x, self.pending = self.pending, None
+        assert x is not None, "the block's pre-hook did not run"
+        self.batches += 1
+        if not self.streaming:
+            self.inputs.append(x)
+            self.outputs.append(y)
+            self.num_rows += x.shape[0]
+            self.rows_nbytes += x.numel() * x.element_size() + y.numel() * y.element_size()
+        elif self.statistics is None:
+            self.statistics = CKAStatistics.from_rows(x, y)
+        else:
+            self.statistics.update(x, y)
+
+    def statistics_nbytes(self) -> int:
+        """Bytes the statistics of this block's widths take (a prediction before folding)."""
+        if not self.inputs:
+            return 0
+        return CKAStatistics.state_nbytes(self.inputs[0].shape[1], self.outputs[0].shape[1])
+
+    def fold(self) -> None:
+        """Replace the kept rows by their statistics and stream from now on."""
+        if self.inputs:
+            self.statistics = CKAStatistics.empty(self.inputs[0].shape[1], self.outputs[0].shape[1], device=self.inputs[0].device)
+            while self.inputs:  # batch by batch, each freed once absorbed (sums are order-free)
+                self.statistics.update(self.inputs.pop(), self.outputs.pop())
+        self.streaming = True
+        self.num_rows = self.rows_nbytes = 0
+
+
+def _should_fold(collectors: list[_BlockCollector], fold_at: int | None) -> bool:
+    """``auto``: fold once the kept rows exceed ``fold_at`` samples, or (default) once they take
+    more bytes than the statistics would: Σ 4 n (d + d') > Σ 8 (d² + d'² + d' d + d + d') over
+    the blocks (float32 rows, float64 statistics), i.e. n > ~3 d for blocks of one width d."""
+    if fold_at is not None:
+        return collectors[0].num_rows > fold_at
+    return sum(c.rows_nbytes for c in collectors) > sum(c.statistics_nbytes() for c in collectors)
+
 
 def capture_block_representations(
     model: nn.Module,
@@ -125,7 +227,9 @@ def capture_block_representations(
     progress: bool = True,
     total: int | None = None,
     extra_poolings: Sequence[str] = (),
-) -> BlockRepresentations:
+    statistics: str = "auto",
+    fold_at: int | None = None,
+) -> Captured:
     """Run ``model`` over ``batches`` and pool every selected block's input and output.
 
     Args:
@@ -140,9 +244,19 @@ def capture_block_representations(
         progress: show a tqdm bar over batches.
         total: number of batches, for the progress bar.
         extra_poolings: further poolings to capture in the same pass (``result.alternates``).
+        statistics: what is kept per block (:data:`STATISTICS`): ``rows`` — the pooled rows;
+            ``covariance`` — only their linear-CKA statistics (:class:`CKAStatistics`, O(d²)
+            whatever n), streamed from the first batch; ``auto`` — the rows until, after some
+            batch, they take more memory than the statistics would, then every block's rows are
+            folded into statistics and the rest is streamed. Memory is then bounded by the
+            smaller of the two (plus one batch), independent of n. Only plain linear CKA can be
+            computed from statistics (:func:`lwlora.scoring.uses_statistics`).
+        fold_at: ``auto`` only: fold once more than this many samples are kept, instead of when
+            the rows outgrow the statistics (for tests and benchmarks).
 
     Returns:
-        :class:`BlockRepresentations` with (n, d) float32 matrices per block.
+        :class:`BlockRepresentations` with (n, d) float32 matrices per block, or
+        :class:`BlockStatistics` (float64) when the rows were folded or never kept.
     """
     from tqdm.auto import tqdm
 
@@ -150,26 +264,28 @@ def capture_block_representations(
     for name in poolings:
         if name not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {name!r}")
+    if statistics not in STATISTICS:
+        raise ValueError(f"statistics must be one of {', '.join(STATISTICS)}, got {statistics!r}")
     indices = sorted(set(range(stack.num_layers) if blocks is None else blocks))
     if not indices or indices[0] < 0 or indices[-1] >= stack.num_layers:
         raise ValueError(f"block indices must lie in [0, {stack.num_layers}), got {list(blocks or [])}")
     last_needed = indices[-1]
-    inputs: dict[str, dict[int, list[Tensor]]] = {p: {i: [] for i in indices} for p in poolings}
-    outputs: dict[str, dict[int, list[Tensor]]] = {p: {i: [] for i in indices} for p in poolings}
+    collectors = {p: {i: _BlockCollector(streaming=statistics == "covariance") for i in indices} for p in poolings}
+    all_collectors = [c for per_block in collectors.values() for c in per_block.values()]
     current_mask: list[Tensor | None] = [None]
 
     def pre_hook(index: int):
         def hook(_module, args, kwargs):
             hidden = _block_input(args, kwargs)
             for name in poolings:
-                inputs[name][index].append(pool(hidden, current_mask[0], name).to(device))
+                collectors[name][index].pending = pool(hidden, current_mask[0], name).to(device)
         return hook
 
     def post_hook(index: int):
         def hook(_module, _args, _kwargs, output):
             hidden = _block_output(output)
             for name in poolings:
-                outputs[name][index].append(pool(hidden, current_mask[0], name).to(device))
+                collectors[name][index].add(pool(hidden, current_mask[0], name).to(device))
             if index == last_needed:
                 raise _StopForward
         return hook
@@ -185,33 +301,35 @@ def capture_block_representations(
 
     was_training = model.training
     model.eval()
+    last = collectors[pooling][last_needed]
     try:
         with torch.inference_mode():
             for batch in tqdm(batches, total=total, desc="capturing block representations", unit="batch", disable=not progress):
                 batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
                 current_mask[0] = batch.get(mask_key) if mask_key is not None else None
-                expected = len(outputs[pooling][last_needed]) + 1
+                expected = last.batches + 1
                 try:
                     model(**batch)
                 except _StopForward:
                     pass
-                if len(outputs[pooling][last_needed]) != expected:
+                if last.batches != expected:
                     raise RuntimeError(
                         f"block {last_needed} of {stack.path} did not run during the forward pass; "
                         "the inputs do not reach this stack (e.g. a vision tower without images)"
                     )
+                if statistics == "auto" and not last.streaming and _should_fold(all_collectors, fold_at):
+                    for collector in all_collectors:
+                        collector.fold()
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
 
-    def assemble(name: str) -> BlockRepresentations:
-        return BlockRepresentations(
-            blocks=indices,
-            inputs=[torch.cat(inputs[name][i]) for i in indices],
-            outputs=[torch.cat(outputs[name][i]) for i in indices],
-            pooling=name,
-        )
+    def assemble(name: str) -> Captured:
+        per_block = [collectors[name][i] for i in indices]
+        if last.streaming:
+            return BlockStatistics(blocks=indices, statistics=[c.statistics for c in per_block], pooling=name)
+        return BlockRepresentations(blocks=indices, inputs=[torch.cat(c.inputs) for c in per_block], outputs=[torch.cat(c.outputs) for c in per_block], pooling=name)
 
     result = assemble(pooling)
     result.alternates = {name: assemble(name) for name in poolings if name != pooling}

@@ -38,7 +38,7 @@ def _int_list(flag: str):
 
 
 def _add_select(subparsers) -> None:
-    from lwlora.capture import POOLINGS
+    from lwlora.capture import POOLINGS, STATISTICS
     from lwlora.select import ALL_SCORERS
 
     p = subparsers.add_parser(
@@ -71,6 +71,7 @@ def _add_select(subparsers) -> None:
     p.add_argument("--feature-norm", choices=["none", "standardize"], default="none", help="standardize: z-score each feature before CKA (outlier-robust; decoders' massive activations)")
     p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="resample the samples N times: per-block selection frequency, importance intervals, n/2-vs-n rank agreement (stability.png)")
     p.add_argument("--degenerate-fallback", choices=["exclude", "mean"], default="exclude", help="a block whose pooled representation is constant: exclude it (default; the paper's effect) or score it with mean pooling")
+    p.add_argument("--statistics", choices=list(STATISTICS), default="auto", help="what is kept per block: rows (n x d), covariance (d x d CKA statistics, memory bounded in n; --scorer cka only, no --bootstrap), auto (default: rows until the statistics are smaller, when the scorer allows)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens")
     p.add_argument("--device", default="auto", help="auto (all GPUs via device_map=auto, else cpu), cpu, cuda, cuda:N, mps")
@@ -123,6 +124,7 @@ def _run_select(args: argparse.Namespace) -> int:
         feature_norm=args.feature_norm,
         degenerate_fallback=args.degenerate_fallback,
         bootstrap=args.bootstrap,
+        statistics=args.statistics,
         param_budget=args.param_budget,
         auto=args.auto,
         prefer_shallow=args.prefer_shallow,
@@ -189,6 +191,7 @@ TRAIN_HELP = {
     "num_samples": "selection samples for --layers cka (default 128)",
     "preset": "selection preset for --layers cka: paper",
     "tower": "vision-language models: the tower whose blocks are selected and adapted (default language)",
+    "statistics": "selection: what is kept per block, rows, covariance (memory bounded in n; cka only) or auto (default)",
 }
 
 

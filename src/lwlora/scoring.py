@@ -4,6 +4,10 @@ A scorer follows the :class:`LayerScorer` protocol; ``get_scorer(name)`` returns
 registered scorers. Importance is "how much the block changes its input": 1 − CKA for the CKA
 scorers (the paper's rule), 1 − mean cosine for ``bi``, the angular distance for ``angular``.
 A degenerate pair gives ``importance=None`` with a reason, never a number.
+
+The plain linear CKA scorer (``cka``, with either feature normalisation) can also score a block
+from streamed :class:`~lwlora.streaming.CKAStatistics` instead of its rows (``score_pair``); every
+other scorer needs the rows.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import Tensor
 
 from lwlora import similarity
 from lwlora.errors import ConfigError
+from lwlora.streaming import CKAStatistics
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,8 @@ class CKAScorer:
     degeneracy_rtol: float = similarity.DEFAULT_DEGENERACY_RTOL
     #: "none" or "standardize" (z-score each feature before CKA; see similarity.standardize_features)
     feature_norm: str = "none"
+    #: whether the score is a function of the streamed statistics (plain linear CKA)
+    uses_statistics: bool = False
 
     def __call__(self, x: Tensor, y: Tensor) -> LayerScore:
         y = y.to(x.device)
@@ -69,10 +76,23 @@ class CKAScorer:
                 return _degenerate(f"block {side}: {reason}")
         if self.feature_norm == "standardize":
             x, y = similarity.standardize_features(x, dtype=self.dtype), similarity.standardize_features(y, dtype=self.dtype)
-        value = float(self.cka(x, y, dtype=self.dtype))
-        if not math.isfinite(value):
-            return _degenerate("CKA is not finite")
-        return LayerScore(similarity=value, importance=1.0 - value)
+        return _cka_score(float(self.cka(x, y, dtype=self.dtype)))
+
+    def score_statistics(self, stats: CKAStatistics) -> LayerScore:
+        """The same score as ``self(x, y)``, from the statistics of the rows x and y."""
+        if not self.uses_statistics:
+            raise ValueError(f"the {self.name} scorer needs the rows, not their statistics")
+        for side, rows in (("input", "x"), ("output", "y")):
+            reason = stats.degeneracy(rows, rtol=self.degeneracy_rtol)
+            if reason is not None:
+                return _degenerate(f"block {side}: {reason}")
+        return _cka_score(float(stats.linear_cka(feature_norm=self.feature_norm)))
+
+
+def _cka_score(value: float) -> LayerScore:
+    if not math.isfinite(value):
+        return _degenerate("CKA is not finite")
+    return LayerScore(similarity=value, importance=1.0 - value)
 
 
 @dataclass(frozen=True)
@@ -102,7 +122,7 @@ class CosineScorer:
 
 
 SCORERS: dict[str, LayerScorer] = {
-    "cka": CKAScorer(name="cka", cka=similarity.linear_cka, min_samples=2),
+    "cka": CKAScorer(name="cka", cka=similarity.linear_cka, min_samples=2, uses_statistics=True),
     "cka-debiased": CKAScorer(name="cka-debiased", cka=similarity.debiased_linear_cka, min_samples=4),
     "bi": CosineScorer(name="bi", angular=False),
     "angular": CosineScorer(name="angular", angular=True),
@@ -126,3 +146,17 @@ def get_scorer(name: str, *, feature_norm: str = "none") -> LayerScorer:
             raise ConfigError("--feature-norm", f"applies to the CKA scorers, not {name!r}")
         scorer = dataclasses.replace(scorer, feature_norm=feature_norm)
     return scorer
+
+
+def uses_statistics(scorer: LayerScorer) -> bool:
+    """Whether ``scorer`` can score a block from :class:`~lwlora.streaming.CKAStatistics`."""
+    return isinstance(scorer, CKAScorer) and scorer.uses_statistics
+
+
+def score_pair(scorer: LayerScorer, pair: tuple[Tensor, Tensor] | CKAStatistics) -> LayerScore:
+    """Score one block from its pooled (input (n, d), output (n, d')) rows or their statistics."""
+    if not isinstance(pair, CKAStatistics):
+        return scorer(*pair)
+    if not isinstance(scorer, CKAScorer):
+        raise ValueError(f"the {scorer.name} scorer needs the rows, not their statistics")
+    return scorer.score_statistics(pair)

@@ -28,7 +28,13 @@ from lwlora.budget import (
     select_by_param_budget,
     selection_cost,
 )
-from lwlora.capture import POOLINGS, BlockRepresentations, capture_block_representations
+from lwlora.capture import (
+    POOLINGS,
+    STATISTICS,
+    BlockRepresentations,
+    Captured,
+    capture_block_representations,
+)
 from lwlora.data import TextSamples, load_text_samples
 from lwlora.errors import ConfigError
 from lwlora.gradient_scores import GRADIENT_SCORERS
@@ -39,7 +45,14 @@ from lwlora.policy import (
     rule_blocks,
     select_blocks,
 )
-from lwlora.scoring import SCORERS, LayerScore, LayerScorer, get_scorer
+from lwlora.scoring import (
+    SCORERS,
+    LayerScore,
+    LayerScorer,
+    get_scorer,
+    score_pair,
+    uses_statistics,
+)
 from lwlora.selection import LayerRecord, LayerSelection
 from lwlora.tasks.presets import IMAGE_TASKS
 
@@ -69,6 +82,7 @@ class SelectConfig:
     feature_norm: Literal["none", "standardize"] = "none"
     degenerate_fallback: Literal["exclude", "mean"] = "exclude"
     bootstrap: int = 0  # replicates for the stability report (0: none)
+    statistics: Literal["rows", "covariance", "auto"] = "auto"  # what the capture keeps; see resolve_statistics
     # count by parameter budget / automatically / preferring a shallow backward (issue: budgets)
     param_budget: float | None = None  # <= 1: fraction of all-layer LoRA parameters; > 1: a count
     auto: bool = False  # stop where the sorted importance curve bends (lwlora.budget.auto_count)
@@ -112,6 +126,7 @@ class SelectConfig:
             raise ConfigError("--pooling", f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
         if self.bootstrap < 0:
             raise ConfigError("--bootstrap", f"must be >= 0 (0: no stability report), got {self.bootstrap}")
+        resolve_statistics(self.statistics, self.scorer, bootstrap=self.bootstrap)
         if self.batch_size < 1:
             raise ConfigError("--batch-size", f"must be at least 1, got {self.batch_size}")
         if self.max_length < 1:
@@ -143,6 +158,26 @@ class SelectConfig:
             include=self.include,
             exclude=self.exclude,
         )
+
+
+def resolve_statistics(statistics: str, scorer: str, *, bootstrap: int = 0) -> str:
+    """What the capture keeps for ``--statistics`` with ``scorer`` (a ``--scorer`` name).
+
+    ``rows`` and ``covariance`` are kept as asked; ``auto`` stays ``auto`` (rows, folded into
+    statistics once those are smaller) when the scorer can use statistics and nothing resamples
+    the rows, else it becomes ``rows``. ``covariance`` with a scorer that needs rows (every scorer
+    but plain linear CKA) or with ``--bootstrap`` (which resamples rows) is a ConfigError.
+    """
+    if statistics not in STATISTICS:
+        raise ConfigError("--statistics", f"unknown choice {statistics!r}; choose one of {', '.join(STATISTICS)}")
+    streamable = scorer in SCORERS and uses_statistics(SCORERS[scorer])
+    if statistics == "covariance" and not streamable:
+        raise ConfigError("--statistics", f"covariance statistics serve only plain linear CKA (cka), not the {scorer} scorer; use cka, or --statistics auto or rows")
+    if statistics == "covariance" and bootstrap:
+        raise ConfigError("--statistics", "covariance keeps no rows, and --bootstrap resamples them; use --statistics auto or rows, or --bootstrap 0")
+    if statistics == "auto" and (not streamable or bootstrap):
+        return "rows"
+    return statistics
 
 
 def default_pooling(model_kind: str, tower: str) -> str:
@@ -191,9 +226,13 @@ def capture_samples(
     max_length: int = 512,
     progress: bool = True,
     extra_poolings: tuple[str, ...] = (),
-) -> BlockRepresentations:
+    statistics: str = "auto",
+    fold_at: int | None = None,
+) -> Captured:
     """Pooled block inputs/outputs on ``samples``, rows in the samples' order (batches run in
-    length order to cut padding, then the rows are put back).
+    length order to cut padding, then the rows are put back), or their streamed statistics
+    (``statistics`` and ``fold_at`` as for :func:`~lwlora.capture.capture_block_representations`;
+    sums do not depend on the order).
 
     Image-text samples (:class:`lwlora.multimodal.ImageTextSamples`; ``tokenizer`` is then the
     model's processor) go through the processor and are not truncated. A vision tower's blocks see
@@ -205,13 +244,15 @@ def capture_samples(
     else:
         batches, order = make_batches(tokenizer, samples, batch_size=batch_size, max_length=max_length, model=model)
     mask_key = None if stack.tower == "vision" else "attention_mask"
-    reps = capture_block_representations(model, stack, batches, pooling=pooling, progress=progress, total=len(batches), extra_poolings=extra_poolings, mask_key=mask_key)
+    reps = capture_block_representations(model, stack, batches, pooling=pooling, progress=progress, total=len(batches), extra_poolings=extra_poolings, mask_key=mask_key, statistics=statistics, fold_at=fold_at)
     if reps.num_samples != len(order):
         raise ConfigError(
             "--tower",
             f"{stack.path} produced {reps.num_samples} rows for {len(order)} samples (e.g. a vision tower that tiles each "
             "image into several crops, as LLaVA-NeXT does); score the language tower instead",
         )
+    if not isinstance(reps, BlockRepresentations):
+        return reps
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
 
@@ -228,18 +269,18 @@ def capture_samples(
     return result
 
 
-def score_representations(reps: BlockRepresentations, scorer: LayerScorer, *, degenerate_fallback: str = "exclude") -> list[LayerScore]:
-    """One score per captured block. A degenerate block is, by ``degenerate_fallback``:
+def score_representations(reps: Captured, scorer: LayerScorer, *, degenerate_fallback: str = "exclude") -> list[LayerScore]:
+    """One score per captured block (rows, or statistics for a scorer that uses them). A
+    degenerate block is, by ``degenerate_fallback``:
     ``exclude`` — left without a score (ranked after every scored block; the default and the
     paper preset's rule), or ``mean`` — scored on its mean-pooled representations instead
     (needs ``reps.alternates["mean"]``), recorded as ``fallback="mean"``."""
     scores = []
-    for i, (x, y) in enumerate(zip(reps.inputs, reps.outputs)):
-        score = scorer(x, y)
+    for i in range(len(reps.blocks)):
+        score = score_pair(scorer, reps.pair(i))
         if score.degenerate:
             if degenerate_fallback == "mean" and "mean" in reps.alternates:
-                alt = reps.alternates["mean"]
-                retry = scorer(alt.inputs[i], alt.outputs[i])
+                retry = score_pair(scorer, reps.alternates["mean"].pair(i))
                 if not retry.degenerate:
                     reason = f"{reps.pooling} pooling: {score.reason}; scored with mean pooling instead"
                     score = dataclasses.replace(retry, degenerate=True, reason=reason, fallback="mean")
@@ -262,13 +303,16 @@ def score_layers(
     progress: bool = True,
     feature_norm: str = "none",
     degenerate_fallback: str = "exclude",
+    statistics: str = "auto",
 ) -> list[LayerScore]:
-    """One score per block of ``stack``, from pooled block inputs/outputs on ``samples``."""
+    """One score per block of ``stack``, from pooled block inputs/outputs on ``samples`` (or
+    their statistics; see :func:`resolve_statistics`)."""
     layer_scorer = get_scorer(scorer, feature_norm=feature_norm)
+    kept = resolve_statistics(statistics, scorer)
     if len(samples) < layer_scorer.min_samples:
         raise ConfigError("--num-samples", f"the {scorer} scorer needs at least {layer_scorer.min_samples} samples, the data gave {len(samples)}")
     extra = ("mean",) if degenerate_fallback == "mean" and pooling != "mean" else ()
-    reps = capture_samples(model, tokenizer, samples, stack, pooling=pooling, batch_size=batch_size, max_length=max_length, progress=progress, extra_poolings=extra)
+    reps = capture_samples(model, tokenizer, samples, stack, pooling=pooling, batch_size=batch_size, max_length=max_length, progress=progress, extra_poolings=extra, statistics=kept)
     return score_representations(reps, layer_scorer, degenerate_fallback=degenerate_fallback)
 
 
@@ -325,7 +369,7 @@ def select_with_budget(importances: list[float | None], policy: SelectionPolicy,
 NEAR_IDENTITY_CKA = 0.9995
 
 
-def near_identity_diagnostics(reps: BlockRepresentations, records: list[LayerRecord], policy: SelectionPolicy, config: SelectConfig, selected: list[int]) -> tuple[dict[str, Any], list[str]]:
+def near_identity_diagnostics(reps: Captured, records: list[LayerRecord], policy: SelectionPolicy, config: SelectConfig, selected: list[int]) -> tuple[dict[str, Any], list[str]]:
     """Report blocks whose CKA is within noise of 1 and, when the ranking rests on them, what the
     outlier-robust variant (per-feature standardisation) would select instead."""
     near = [r.index for r in records if r.cka is not None and r.cka >= NEAR_IDENTITY_CKA]
@@ -424,7 +468,8 @@ def select_layers(
         raise ConfigError("--num-samples", f"the {config.scorer} scorer needs at least {layer_scorer.min_samples} samples, the data gave {len(samples)}")
     tick = time.perf_counter()
     extra = ("mean",) if config.degenerate_fallback == "mean" and pooling != "mean" else ()
-    reps = capture_samples(model, tokenizer, samples, stack, pooling=pooling, batch_size=config.batch_size, max_length=config.max_length, progress=config.progress, extra_poolings=extra)
+    kept = resolve_statistics(config.statistics, config.scorer, bootstrap=config.bootstrap)
+    reps = capture_samples(model, tokenizer, samples, stack, pooling=pooling, batch_size=config.batch_size, max_length=config.max_length, progress=config.progress, extra_poolings=extra, statistics=kept)
     scores = score_representations(reps, layer_scorer, degenerate_fallback=config.degenerate_fallback)
     timings["score_s"] = time.perf_counter() - tick
 
@@ -447,6 +492,7 @@ def select_layers(
         diagnostics, tie_warnings = near_identity_diagnostics(reps, records, policy, config, selected)
         warnings += tie_warnings
     diagnostics.update(budget_info)
+    diagnostics["statistics"] = {"requested": config.statistics, "kept": "rows" if isinstance(reps, BlockRepresentations) else "covariance", "state_bytes": reps.nbytes}
     if config.bootstrap:
         from lwlora.stability import bootstrap_stability
 

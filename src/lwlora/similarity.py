@@ -43,6 +43,9 @@ Space = Literal["auto", "gram", "feature"]
 #: (spread 0); real representations of different texts sit many orders of magnitude above this.
 DEFAULT_DEGENERACY_RTOL = 1e-4
 
+#: Standard deviation at or below which ``standardize_features`` treats a feature as constant (it becomes 0).
+STANDARDIZE_EPS = 1e-12
+
 
 def _check_pair(x: Tensor, y: Tensor) -> None:
     if x.ndim != 2 or y.ndim != 2:
@@ -64,16 +67,33 @@ def degeneracy(x: Tensor, *, rtol: float = DEFAULT_DEGENERACY_RTOL) -> str | Non
     """
     if x.ndim != 2:
         raise ValueError(f"representation must be 2-D (n × d), got shape {tuple(x.shape)}")
-    if x.shape[0] < 2:
-        return f"only {x.shape[0]} sample(s); at least 2 are needed"
-    if not bool(torch.isfinite(x).all()):
+    n = x.shape[0]
+    finite = bool(torch.isfinite(x).all())
+    sum_sq = centred_sq = 0.0
+    if n >= 2 and finite:
+        x64 = x.to(torch.float64)
+        sum_sq = float(x64.pow(2).sum())
+        centred_sq = float((x64 - x64.mean(dim=0, keepdim=True)).pow(2).sum())
+    return degeneracy_from_moments(n, finite=finite, sum_sq=sum_sq, centred_sq=centred_sq, rtol=rtol)
+
+
+def degeneracy_from_moments(n: int, *, finite: bool, sum_sq: float, centred_sq: float, rtol: float = DEFAULT_DEGENERACY_RTOL) -> str | None:
+    """``degeneracy`` from the moments of X (n, d) instead of its rows.
+
+    Args:
+        n: number of samples (rows).
+        finite: whether every value is finite.
+        sum_sq: ||X||²_F = Σ_i ||x_i||².
+        centred_sq: ||X − 1 μᵀ||²_F = Σ_i ||x_i − μ||² (the trace of the centred second moment).
+        rtol: largest relative spread sqrt(centred_sq / sum_sq) that still counts as constant.
+    """
+    if n < 2:
+        return f"only {n} sample(s); at least 2 are needed"
+    if not finite:
         return "non-finite values (NaN or inf)"
-    x64 = x.to(torch.float64)
-    scale = torch.linalg.norm(x64)
-    if scale == 0:
+    if sum_sq == 0:
         return "all zeros"
-    spread = torch.linalg.norm(x64 - x64.mean(dim=0, keepdim=True))
-    relative = float(spread / scale)
+    relative = math.sqrt(max(centred_sq, 0.0) / sum_sq)
     if relative <= rtol:
         return f"constant across samples (relative spread {relative:.1e} <= {rtol:g})"
     return None
@@ -153,7 +173,7 @@ def angular_distance(x: Tensor, y: Tensor, *, dtype: torch.dtype = torch.float64
     return torch.arccos(cos).mean() / math.pi
 
 
-def standardize_features(x: Tensor, *, dtype: torch.dtype = torch.float64, eps: float = 1e-12) -> Tensor:
+def standardize_features(x: Tensor, *, dtype: torch.dtype = torch.float64, eps: float = STANDARDIZE_EPS) -> Tensor:
     """Z-score every feature (column) of x (n, d) over the samples: (x − μ_j) / σ_j.
 
     Decoders carry a few "massive activation" dimensions whose variance dominates linear CKA, so

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lwlora.errors import ConfigError
+from lwlora.policy import RULES
 
 TRAIN_METHODS = ("lora", "pissa", "dora", "rslora", "olora", "full")
 #: ``--layers``: a scorer (measured) or a rule; see lwlora.training.layers.
@@ -73,6 +74,7 @@ class TrainConfig:
     pooling: str | None = None
     feature_norm: str = "none"
     degenerate_fallback: str = "exclude"
+    statistics: Literal["rows", "covariance", "auto"] = "auto"  # what the selection's capture keeps (lwlora select --statistics)
     num_samples: int = 128
     param_budget: float | None = None
     auto: bool = False
@@ -135,6 +137,12 @@ class TrainConfig:
             raise ConfigError("--rank-allocation", "applies to adapters, not --method full")
         if self.eval_splits is not None and not [part for part in self.eval_splits.split(",") if part.strip()]:
             raise ConfigError("--eval-splits", f"must name at least one split, e.g. validation,test; got {self.eval_splits!r}")
+        if self.statistics not in ("rows", "covariance", "auto"):
+            raise ConfigError("--statistics", f"must be 'rows', 'covariance' or 'auto', got {self.statistics!r}")
+        if self.statistics == "covariance" and self.selection is None and self.method != "full" and self.layer_indices is None and self.layers not in RULES:
+            from lwlora.select import resolve_statistics
+
+            resolve_statistics(self.statistics, self.scorer if self.layers == "cka" else self.layers)  # the measuring scorer must use statistics
         if self.tower not in ("language", "vision"):
             raise ConfigError("--tower", f"must be 'language' or 'vision', got {self.tower!r}")
         if self.modules_to_save is not None:

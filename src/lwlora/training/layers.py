@@ -65,6 +65,7 @@ def _similarity_selection(config: Any, model: nn.Module, tokenizer: Any, model_k
         pooling=config.pooling,
         feature_norm=config.feature_norm,
         degenerate_fallback=config.degenerate_fallback,
+        statistics=config.statistics,
         param_budget=config.param_budget,
         auto=config.auto,
         prefer_shallow=config.prefer_shallow,
