@@ -27,6 +27,29 @@ def test_selection_benchmark_smoke(tmp_path):
     # lwlora's hooked CKA equals the reference's output_hidden_states CKA except at the last block
     assert result["max_abs_cka_difference_except_last"] < 1e-4
     assert "| tiny |" in (tmp_path / "sel.md").read_text()
+    # n = 32 at hidden 64: the rows are the smaller state, and auto keeps them
+    assert result["lwlora_statistics"] == {"requested": "auto", "kept": "rows", "state_bytes": 4 * 32 * 2 * 64 * 4}
+
+
+def test_selection_memory_sweep_smoke(tmp_path):
+    """hidden 16, 2 blocks, n in {16, 128}: auto keeps the rows at 16 and the statistics at 128,
+    whose size does not depend on n; every choice gives the rows' CKA."""
+    import pytest
+
+    from lwlora.streaming import CKAStatistics
+
+    bench = load_script("selection")
+    assert bench.main(["--sweep", "tiny", "--repeats", "1", "--out", str(tmp_path / "mem")]) == 0
+    results = {(r["n"], r["statistics"]): r for r in json.loads((tmp_path / "mem.json").read_text())["results"]}
+    state = 2 * CKAStatistics.state_nbytes(16, 16)
+    assert [results[16, s]["kept"] for s in ("rows", "auto", "covariance")] == ["rows", "rows", "covariance"]
+    assert [results[128, s]["kept"] for s in ("rows", "auto", "covariance")] == ["rows", "covariance", "covariance"]
+    assert results[16, "auto"]["state_bytes"] == results[16, "rows"]["state_bytes"] == 2 * 16 * 2 * 16 * 4 < state
+    assert results[128, "auto"]["state_bytes"] == results[16, "covariance"]["state_bytes"] == state < results[128, "rows"]["state_bytes"]
+    assert max(r["max_abs_cka_difference_vs_rows"] for r in results.values()) < 1e-10
+    assert "| 128 | 32 KiB |" in (tmp_path / "mem.md").read_text()
+    with pytest.raises(SystemExit):
+        bench.main(["--case", "tiny", "--sweep", "tiny", "--out", str(tmp_path / "both")])
 
 
 def test_length_sorted_batches_keep_every_sample():
