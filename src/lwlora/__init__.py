@@ -20,6 +20,7 @@ _EXPORTS = {
     "mean_cosine": "lwlora.similarity",
     "angular_distance": "lwlora.similarity",
     "degeneracy": "lwlora.similarity",
+    "CKAStatistics": "lwlora.streaming",
     "LayerScore": "lwlora.scoring",
     "LayerScorer": "lwlora.scoring",
     "get_scorer": "lwlora.scoring",

@@ -75,7 +75,7 @@ def _add_select(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens")
     p.add_argument("--device", default="auto", help="auto (all GPUs via device_map=auto, else cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (statistics are always fp32+)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (pooled vectors are always fp32, the CKA maths float64)")
     p.add_argument("--text-column", help="column holding the text (default: detected)")
     p.add_argument("--text-pair-column", help="second text column for sentence pairs")
     p.add_argument("--template", help="format string over columns, e.g. '{question} {answer}', or a preset: alpaca, alpaca-response")
