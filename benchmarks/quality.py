@@ -34,6 +34,7 @@ import dataclasses
 import json
 import os
 import platform
+import queue
 import shutil
 import subprocess
 import sys
@@ -150,6 +151,9 @@ def build_argv(case: str, method: str, seed: int, *, model: str, data_root: Path
     return argv
 
 
+NOT_RUN = "not run: --time-limit reached (run the command again to continue)"
+
+
 def read_run(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / "metrics.json"
     if not path.is_file():
@@ -206,27 +210,52 @@ def execute(job: Job, gpu: str | None) -> None:
         atomic_write_json(_argv_file(job), job.argv)
 
 
-def run_jobs(jobs: list[Job], *, workers: int, gpus: list[str | None], time_limit: float | None = None) -> None:
+def run_jobs(jobs: list[Job], *, workers: int, gpus: list[str | None], time_limit: float | None = None, retries: int = 0) -> None:
     """Run ``jobs`` on ``workers`` threads, each starting one process at a time, spread over ``gpus``.
-    After ``time_limit`` seconds no new run starts (those left say so in ``error``; rerun to finish)."""
+    After ``time_limit`` seconds no new run starts (those left say so in ``error``; rerun to finish).
+
+    Runs that failed are tried again up to ``retries`` times, one at a time per GPU: many training
+    processes sharing a GPU can exhaust its memory (out-of-memory, or cuBLAS/cuDNN errors from failed
+    allocations), which a run alone on the GPU does not."""
     lock, done = threading.Lock(), [0]
     started = time.perf_counter()
 
-    def work(index_job: tuple[int, Job]) -> None:
-        index, job = index_job
+    def work(job: Job, gpu: str | None) -> None:
         if time_limit is not None and time.perf_counter() - started > time_limit:
             job.result = finished(job)
             if job.result is None:
-                job.error = "not run: --time-limit reached (run the command again to continue)"
+                job.error = NOT_RUN
         else:
-            execute(job, gpus[index % len(gpus)])
+            execute(job, gpu)
         with lock:
             done[0] += 1
             state = "failed: " + job.error if job.error else f"ok ({job.wall_s or 0:.0f} s)"
             print(f"[{done[0]}/{len(jobs)} {time.perf_counter() - started:6.0f}s] {job.case} {job.method} seed {job.seed}: {state}", flush=True)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(work, enumerate(jobs)))
+        list(pool.map(lambda index_job: work(index_job[1], gpus[index_job[0] % len(gpus)]), enumerate(jobs)))
+
+    free_gpus: queue.Queue[str | None] = queue.Queue()
+    for gpu in gpus:
+        free_gpus.put(gpu)
+
+    def alone(job: Job) -> None:
+        gpu = free_gpus.get()
+        try:
+            work(job, gpu)
+        finally:
+            free_gpus.put(gpu)
+
+    for attempt in range(1, retries + 1):
+        failed = [j for j in jobs if j.error and j.error != NOT_RUN]
+        if not failed:
+            return
+        print(f"retry {attempt}/{retries}: {len(failed)} failed run(s), one at a time per GPU", flush=True)
+        for job in failed:
+            job.error = None
+        done[0] = len(jobs) - len(failed)
+        with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
+            list(pool.map(alone, failed))
 
 
 def test_metric(final: dict[str, Any], metric: str) -> float | None:
@@ -358,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", default=None, help="comma-separated GPU ids to spread the runs over (default: none / as visible)")
     parser.add_argument("--no-bf16", action="store_true", help="train in fp32 even on a GPU")
     parser.add_argument("--max-steps", type=int, default=None, help="cap every run's steps (smoke runs)")
+    parser.add_argument("--retries", type=int, default=1, help="times a failed run is tried again, alone on its GPU (default 1)")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds after which no new run starts; the summary covers the finished runs")
     parser.add_argument("--recipe", choices=["encoder", "decoder-classification", "decoder-gsm", "decoder-choice"], help="recipe for cases not in the table (e.g. a tiny model in a smoke test)")
     parser.add_argument("--from-json", help="re-render OUT.md and OUT.png from a quality JSON written earlier (no training)")
@@ -404,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
                 model = models[case.split("/", 1)[0]]
                 jobs.append(Job(case, method, seed, run_dir, build_argv(case, method, seed, model=model, data_root=data_root, run_dir=run_dir, recipe=recipe, bf16=bf16, max_steps=args.max_steps)))
     gpus: list[str | None] = args.gpus.split(",") if args.gpus else [None]
-    run_jobs(jobs, workers=max(1, args.jobs), gpus=gpus, time_limit=args.time_limit)
+    if args.retries < 0:
+        raise SystemExit(f"--retries: must be >= 0, got {args.retries}")
+    run_jobs(jobs, workers=max(1, args.jobs), gpus=gpus, time_limit=args.time_limit, retries=args.retries)
 
     env = environment()
     summary = summarise(jobs)

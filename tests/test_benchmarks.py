@@ -244,3 +244,44 @@ def test_stage_models_dequantizes_gguf(tmp_path):
     ids = torch.tensor([[1, 510, 2372, 7052, 314, 253]])
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, quantized(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_quality_retries_failed_runs_alone_on_a_gpu(tmp_path, monkeypatch):
+    """A run that fails (e.g. GPU out of memory among many processes) is tried again once, with at
+    most one retried run per GPU at a time; a run that keeps failing keeps its error; runs left by
+    --time-limit are not retried."""
+    import threading
+    import time
+
+    bench = load_script("quality")
+    jobs = [bench.Job("m/t", f"method{i}", 0, tmp_path / f"run{i}", ["train"]) for i in range(6)]
+    attempts: dict[str, int] = {}
+    busy: dict[str, int] = {}
+    peak: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def fake_execute(job, gpu):
+        with lock:
+            attempts[job.method] = attempts.get(job.method, 0) + 1
+            first = attempts[job.method] == 1
+            busy[gpu] = busy.get(gpu, 0) + 1
+            if not first:
+                peak[gpu] = max(peak.get(gpu, 0), busy[gpu])
+        time.sleep(0.02)
+        with lock:
+            busy[gpu] -= 1
+        if job.method == "method5" or (first and job.method in ("method0", "method1", "method2", "method3")):
+            job.error = "exit 1: torch.OutOfMemoryError: CUDA out of memory"
+        else:
+            job.result = {"final": {}}
+
+    monkeypatch.setattr(bench, "execute", fake_execute)
+    bench.run_jobs(jobs, workers=6, gpus=["0", "1"], retries=1)
+    assert attempts == {"method0": 2, "method1": 2, "method2": 2, "method3": 2, "method4": 1, "method5": 2}
+    assert [j.error is None for j in jobs] == [True, True, True, True, True, False]
+    assert set(peak) == {"0", "1"} and max(peak.values()) == 1  # retried runs: one per GPU at a time
+
+    attempts.clear()
+    late = [bench.Job("m/t", "method5", 0, tmp_path / "late", ["train"])]
+    bench.run_jobs(late, workers=1, gpus=[None], time_limit=-1, retries=3)
+    assert attempts == {} and late[0].error == bench.NOT_RUN
