@@ -19,7 +19,7 @@ from lwlora.scoring import get_scorer
 
 def scores(model, batches):
     stack = resolve_block_stack(model)
-    reps = capture_block_representations(model, stack, batches, pooling="last", progress=False)
+    reps = capture_block_representations(model, stack, batches, pooling="last", progress=False, statistics="rows")
     cka = get_scorer("cka")
     return [cka(x, y).similarity for x, y in zip(reps.inputs, reps.outputs)]
 
