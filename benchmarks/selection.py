@@ -51,7 +51,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lwlora.blocks import resolve_block_stack  # noqa: E402
 from lwlora.capture import (  # noqa: E402
     STATISTICS,
-    BlockRepresentations,
     Captured,
     capture_block_representations,
 )
@@ -249,7 +248,7 @@ def bench_case(case: Case, device: str, repeats: int, keep: str = "auto") -> dic
         "ratio_lwlora_to_reference": median["lwlora"] / median["reference"],
         "ratio_lwlora_to_bare_forward": median["lwlora"] / median["bare_forward"],
         "ratio_lwlora_length_sorted_to_reference": median["lwlora_length_sorted"] / median["reference"],
-        "lwlora_statistics": {"requested": keep, "kept": kept(reps), "state_bytes": reps.nbytes},
+        "lwlora_statistics": {"requested": keep, "kept": reps.kept, "state_bytes": reps.nbytes},
         # The reference's last entry is after the final norm, so its last block differs by design.
         "max_abs_cka_difference_except_last": max(abs(a - b) for a, b in zip(ours[:-1], ref_scores[:-1])) if len(ours) > 1 else 0.0,
     }
@@ -258,10 +257,6 @@ def bench_case(case: Case, device: str, repeats: int, keep: str = "auto") -> dic
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return result
-
-
-def kept(reps: Captured) -> str:
-    return "rows" if isinstance(reps, BlockRepresentations) else "covariance"
 
 
 def bench_sweep(sweep: Sweep, device: str, repeats: int) -> list[dict]:
@@ -283,7 +278,7 @@ def bench_sweep(sweep: Sweep, device: str, repeats: int) -> list[dict]:
                 started = time.perf_counter()
                 scores[choice], reps = capture_and_score(model, batches, choice)
                 times.append(time.perf_counter() - started)
-            results.append({"n": n, "statistics": choice, "kept": kept(reps), "state_bytes": reps.nbytes, "median_s": statistics.median(times), "all_s": times,
+            results.append({"n": n, "statistics": choice, "kept": reps.kept, "state_bytes": reps.nbytes, "median_s": statistics.median(times), "all_s": times,
                             "max_abs_cka_difference_vs_rows": cka_difference(scores[choice], scores["rows"])})
             del reps
     return results

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -115,6 +115,8 @@ class BlockRepresentations:
     pooling: str = "last"
     #: the same blocks under other poolings captured in the same pass (``extra_poolings``)
     alternates: dict[str, "BlockRepresentations"] = field(default_factory=dict)
+    #: what the capture kept (``statistics`` of :func:`capture_block_representations`)
+    kept: ClassVar[str] = "rows"
 
     @property
     def num_samples(self) -> int:
@@ -142,6 +144,7 @@ class BlockStatistics:
     pooling: str = "last"
     #: the same blocks under other poolings captured in the same pass (``extra_poolings``)
     alternates: dict[str, "BlockStatistics"] = field(default_factory=dict)
+    kept: ClassVar[str] = "covariance"
 
     @property
     def num_samples(self) -> int:

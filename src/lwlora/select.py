@@ -492,7 +492,7 @@ def select_layers(
         diagnostics, tie_warnings = near_identity_diagnostics(reps, records, policy, config, selected)
         warnings += tie_warnings
     diagnostics.update(budget_info)
-    diagnostics["statistics"] = {"requested": config.statistics, "kept": "rows" if isinstance(reps, BlockRepresentations) else "covariance", "state_bytes": reps.nbytes}
+    diagnostics["statistics"] = {"requested": config.statistics, "kept": reps.kept, "state_bytes": reps.nbytes}
     if config.bootstrap:
         from lwlora.stability import bootstrap_stability
 
