@@ -347,3 +347,20 @@ def _input_device(model: nn.Module) -> torch.device:
     if weight is not None and weight.device.type != "meta":
         return weight.device
     return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
+def compute_placement(model: nn.Module) -> tuple[str, str]:
+    """(device, dtype) a capture on ``model`` runs in, as recorded in ``selection.json``.
+
+    device: the input device, or every device of a model spread over several
+    (``"cuda:0,cuda:1"``); dtype: the weights' dtype, or the autocast dtype in force over them
+    (``"bfloat16 (autocast over float32 weights)"``)."""
+    devices = sorted({str(p.device) for p in model.parameters() if p.device.type != "meta"}) or [str(_input_device(model))]
+    device = devices[0] if len(devices) == 1 else ",".join(devices)
+    first = _input_device(model)
+    weights = str(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)).removeprefix("torch.")
+    kind = first.type
+    if kind in ("cpu", "cuda", "mps") and torch.is_autocast_enabled(kind):
+        autocast = str(torch.get_autocast_dtype(kind)).removeprefix("torch.")
+        return device, f"{autocast} (autocast over {weights} weights)"
+    return device, weights

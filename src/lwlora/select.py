@@ -34,6 +34,7 @@ from lwlora.capture import (
     BlockRepresentations,
     Captured,
     capture_block_representations,
+    compute_placement,
 )
 from lwlora.data import TextSamples, load_text_samples
 from lwlora.errors import ConfigError
@@ -467,6 +468,7 @@ def select_layers(
     if len(samples) < layer_scorer.min_samples:
         raise ConfigError("--num-samples", f"the {config.scorer} scorer needs at least {layer_scorer.min_samples} samples, the data gave {len(samples)}")
     tick = time.perf_counter()
+    device, dtype = compute_placement(model)
     extra = ("mean",) if config.degenerate_fallback == "mean" and pooling != "mean" else ()
     kept = resolve_statistics(config.statistics, config.scorer, bootstrap=config.bootstrap)
     reps = capture_samples(model, tokenizer, samples, stack, pooling=pooling, batch_size=config.batch_size, max_length=config.max_length, progress=config.progress, extra_poolings=extra, statistics=kept)
@@ -525,6 +527,8 @@ def select_layers(
         diagnostics=diagnostics,
         cost=selection_cost(stack, selected, suffixes, config.r, exact=exact, hidden_size=getattr(model.config, "hidden_size", None), seq_len=config.max_length).to_json(),
         feature_norm=config.feature_norm,
+        device=device,
+        dtype=dtype,
         versions=library_versions(),
         timings={k: round(v, 4) for k, v in timings.items()},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -13,7 +13,9 @@ Schema (version 1)::
       "layers": [{"index": 0, "cka": null, "similarity": null, "importance": null,
                   "degenerate": true, "reason": "...", "fallback": null}, ...],
       "selected": [1, 3, 5], "one_hot": "010101",
-      "warnings": [...], "diagnostics": {...}, "cost": {...}, "versions": {...}, "timings": {...}, "created": "<ISO 8601>"
+      "warnings": [...], "diagnostics": {...}, "cost": {...},
+      "device": "cuda:0" | "cpu" | null, "dtype": "float32" | "bfloat16 (autocast over float32 weights)" | null,
+      "versions": {...}, "timings": {...}, "created": "<ISO 8601>"
     }
 
 ``cka`` holds the CKA value for the CKA scorers and ``null`` for the cosine scorers, whose raw
@@ -72,6 +74,10 @@ class LayerSelection:
     #: lwlora.budget.SelectionCost of the selection (at the adapter rank/targets it assumed)
     cost: dict[str, Any] = field(default_factory=dict)
     feature_norm: str = "none"
+    #: where the scores were computed ("cuda:0"; "cpu"; several devices comma-separated) and in
+    #: which dtype ("bfloat16 (autocast over float32 weights)"); None for rule-made selections
+    device: str | None = None
+    dtype: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     created: str | None = None
@@ -122,6 +128,8 @@ class LayerSelection:
             "warnings": data["warnings"],
             "diagnostics": data["diagnostics"],
             "cost": data["cost"],
+            "device": data["device"],
+            "dtype": data["dtype"],
             "versions": data["versions"],
             "timings": data["timings"],
             "created": data["created"],

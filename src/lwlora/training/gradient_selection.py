@@ -40,7 +40,10 @@ def gradient_selection(config: Any, model: nn.Module, task: Any, stack: BlockSta
     from lwlora.training.layers import unscored_selection
 
     scorer = scorer or config.layers
+    from lwlora.capture import compute_placement
+
     started = time.perf_counter()
+    device, dtype = compute_placement(model)
     batches = probe_batches(task, num_samples=config.num_samples, batch_size=config.select_batch_size, seed=config.seed)
     scores = block_gradient_scores(model, stack, batches, progress=config.progress)
     values = getattr(scores, GRADIENT_SCORERS[scorer])
@@ -59,6 +62,8 @@ def gradient_selection(config: Any, model: nn.Module, task: Any, stack: BlockSta
         policy=policy.to_json(),
         warnings=warnings,
         diagnostics={"ranking": GRADIENT_SCORERS[scorer], "fisher": scores.fisher, "fisher_per_param": scores.fisher_per_param, "grad_norm": scores.grad_norm, "num_params": scores.num_params},
+        device=device,
+        dtype=dtype,
         timings={"score_s": round(time.perf_counter() - started, 4)},
     )
 

@@ -184,7 +184,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         base.disable_input_require_grads()
 
 
-def _training_arguments(config: TrainConfig, run: Path, has_eval: bool):
+def _training_arguments(config: TrainConfig, run: Path, has_eval: bool, device: torch.device):
     from transformers import TrainingArguments
 
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -225,7 +225,7 @@ def _training_arguments(config: TrainConfig, run: Path, has_eval: bool):
         kwargs["warmup_ratio"] = config.warmup
     else:  # transformers 5: a float in [0, 1) is a ratio
         kwargs["warmup_steps"] = config.warmup
-    if config.device == "cpu" or not torch.cuda.is_available():
+    if device.type == "cpu":
         kwargs["use_cpu"] = True
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k in fields})
 
@@ -292,9 +292,11 @@ def train(config: TrainConfig) -> TrainResult:
     from lwlora.peft_bridge import apply_selection
     from lwlora.selection import LayerSelection
     from lwlora.tasks import load_task
+    from lwlora.training.device import compute_context, place_model, resolve_training_device
     from lwlora.training.layers import choose_layers, unscored_selection
     from lwlora.training.report import plot_loss_curve, summarise_history
 
+    device = resolve_training_device(config.device)  # a missing GPU fails here, before anything else
     # Under accelerate launch / torchrun every process runs this function; only the main one
     # checks and writes RUN (the Trainer coordinates checkpoints itself).
     main_process = is_main_process()
@@ -321,6 +323,9 @@ def train(config: TrainConfig) -> TrainResult:
     if len(task.train) == 0:
         raise ConfigError("--data", f"task {config.task} has an empty training split")
     model = load_training_model(config, source, gguf_file, task, tokenizer)
+    # The selection runs on the training device in the training precision; the Trainer then finds
+    # the model where it would put it and moves nothing.
+    place_model(model, device)
     model_kind = infer_model_kind(model.config)
     stack = resolve_block_stack(model, layers_path=config.layers_path, tower=config.tower)
 
@@ -330,7 +335,8 @@ def train(config: TrainConfig) -> TrainResult:
     elif config.method == "full":
         selection = unscored_selection(config, stack, model_kind, list(range(stack.num_layers)), "all")
     else:
-        selection = choose_layers(config, model, tokenizer, stack, model_kind, task)
+        with compute_context(device, bf16=config.bf16, fp16=config.fp16):
+            selection = choose_layers(config, model, tokenizer, stack, model_kind, task)
 
     if config.method == "full":
         for param in model.parameters():
@@ -338,7 +344,8 @@ def train(config: TrainConfig) -> TrainResult:
         ranks = None
     else:
         task_type = "CAUSAL_LM" if task.kind == "causal_lm" else "SEQ_CLS"
-        plan = plan_ranks(config, selection, stack, model, tokenizer, model_kind, task)
+        with compute_context(device, bf16=config.bf16, fp16=config.fp16):
+            plan = plan_ranks(config, selection, stack, model, tokenizer, model_kind, task)
         ranks = plan["ranks"]
         extra_modules = [m.strip() for m in config.modules_to_save.split(",") if m.strip()] if config.modules_to_save else []
         if extra_modules:
@@ -360,7 +367,7 @@ def train(config: TrainConfig) -> TrainResult:
     eval_sets = dict(task.eval)
     trainer = Trainer(
         model=model,
-        args=_training_arguments(config, run, has_eval=bool(eval_sets)),
+        args=_training_arguments(config, run, has_eval=bool(eval_sets), device=device),
         train_dataset=task.train,
         eval_dataset=eval_sets or None,
         data_collator=task.data_collator,
