@@ -15,16 +15,34 @@ Methods (all at ratio 0.5 where a ratio applies):
 - ``importance-ranks``: every block, ranks proportional to CKA importance at the same total
   (``--rank-allocation importance``);
 - ``full``: full fine-tuning (the only method with its own learning rate, ``full_lr``: a LoRA
-  learning rate diverges full fine-tuning).
+  learning rate diverges full fine-tuning);
+- ``untuned``: the pretrained model evaluated without training (instruction cases: the floor every
+  method must clear).
+
+Learning rate per method (``--protocol tuned``, the default): one learning rate for every method
+favours the method it was tuned for. So each method's rate is chosen on the **validation** split
+first: seed ``--tune-seed`` is trained at every multiple of the recipe's rate in ``--lr-grid``
+(``--full-lr-grid`` for full fine-tuning) and scored on ``validation`` only; the best multiple
+(ties: the smaller) is the method's rate, and when it sits at an edge of the grid the grid is
+widened by a factor of 2 on that side (up to ``--widen`` times). Then every seed is trained at the
+chosen rate and scored on ``test``. The test split is never read before the rates are chosen.
+Where records come in groups of near-duplicates that the test split keeps apart from train
+(``Recipe.group_column``: math_gsm_symbolic's templates), the data's own validation split shares
+train's groups and would reward recalling seen problems; the search then trains on the other
+groups of train and validates on ``--tune-holdout`` of them held out whole (``tuning_split``).
+``--protocol fixed`` trains every method at the recipe's rate (the older tables).
 
     python benchmarks/quality.py --out benchmarks/results/quality-gpu --jobs 12 --gpus 0,1 \\
         --model mpnet=/path/to/all-mpnet-base-v2
     python benchmarks/quality.py --case minilm/rte_epistemic --methods all-layer,cka-50 --seeds 0 --out /tmp/q
+    python benchmarks/quality.py --case qwen05/math_gsm_symbolic --model qwen05=/path/to/qwen2.5-coder-0.5b \\
+        --methods untuned,all-layer,cka-50,random-50,equal-budget --jobs 5 --out /tmp/q-qwen
 
 Runs are resumable: a run that finished (``metrics.json``) with the same ``lwlora train`` command
 line (kept in ``RUN.argv.json``) is read, not retrained, so the command can be repeated until every
-run is done; a run of another recipe is trained again. Writes ``OUT.json`` (every run and the summary),
-``OUT.md`` (one table per case) and ``OUT.png`` (test metric per method and case, mean ± std).
+run is done; a run of another recipe is trained again. Writes ``OUT.json`` (every run, the learning-rate search and the summary),
+``OUT.md`` (one table per case, with the chosen rates and each run's step time and peak memory)
+and ``OUT.png`` (test metric per method and case, mean ± std).
 """
 
 from __future__ import annotations
@@ -68,6 +86,13 @@ class Recipe:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     extra: tuple[str, ...] = ()  # further flags, e.g. ("--choice-mode", "loglik")
+    grad_accum: int = 1  # the global batch is batch_size x grad_accum
+    #: a column grouping near-duplicate records (math_gsm_symbolic's ``template``: a GSM8K problem and
+    #: its generated variants). The test split holds other groups than train, but the data's
+    #: validation split shares train's groups (57 of its 58 templates), so it measures how well
+    #: variants of seen problems are recalled, not the test's transfer: the learning-rate search
+    #: then holds out whole groups of train instead (see tuning_split).
+    group_column: str | None = None
 
 
 ENCODER = Recipe("classification", "accuracy", r=8, lr=5e-4, full_lr=5e-5, epochs=3, batch_size=32, max_length=128, max_train_samples=4000, max_eval_samples=1000, extra=("--warmup", "0.06"))
@@ -82,7 +107,10 @@ DECODER_CLASSIFICATION = dataclasses.replace(ENCODER, full_lr=2e-5)
 #: full fine-tuning included, at or below the majority class); 16000 samples × 1 epoch (500 steps of
 #: fresh data) reaches 56.1% with all-layer LoRA (majority 50.9%; calibration-minilm-nli-16k.json).
 ENCODER_WITH_POOLER_LONG = dataclasses.replace(ENCODER_WITH_POOLER, epochs=1, max_train_samples=16000)
-DECODER_GSM = Recipe("instruction", "exact_match", r=16, lr=2e-4, full_lr=2e-5, epochs=2, batch_size=16, max_length=384, extra=("--warmup", "0.03", "--max-new-tokens", "256"))
+DECODER_GSM = Recipe("instruction", "exact_match", r=16, lr=2e-4, full_lr=2e-5, epochs=2, batch_size=16, max_length=384, extra=("--warmup", "0.03", "--max-new-tokens", "256"), group_column="template")
+#: DECODER_GSM on Qwen2.5-Coder-0.5B: the same global batch of 16 in two micro-batches of 8, since a
+#: 152k-token vocabulary's logits make a batch of 16 x 384 tokens peak far above 10 GB.
+DECODER_GSM_QWEN = dataclasses.replace(DECODER_GSM, batch_size=8, grad_accum=2)
 DECODER_CHOICE = Recipe("instruction", "accuracy", r=16, lr=2e-4, full_lr=2e-5, epochs=2, batch_size=16, max_length=256, max_train_samples=3000, max_eval_samples=1000, extra=("--warmup", "0.03", "--choice-mode", "loglik"))
 
 #: model key -> default model (a Hub id, a local directory or builtin:NAME); override with --model KEY=PATH
@@ -90,6 +118,9 @@ MODELS = {
     "minilm": "builtin:minilm",
     "mpnet": "sentence-transformers/all-mpnet-base-v2",
     "smollm2": "builtin:smollm2",
+    #: Qwen2.5-Coder-0.5B-Instruct (24 blocks): the one decoder here that learns the math task; pip
+    #: ships it in six parts (../shared/MODELS.md), benchmarks/stage_models.py turns it into a checkpoint
+    "qwen05": "Qwen/Qwen2.5-Coder-0.5B-Instruct",
 }
 
 #: case "model/task folder of --data-root" -> recipe
@@ -102,6 +133,7 @@ CASES: dict[str, Recipe] = {
     "smollm2/nli_vitaminc": DECODER_CLASSIFICATION,
     "smollm2/math_gsm_symbolic": DECODER_GSM,
     "smollm2/mathqa_choice": DECODER_CHOICE,
+    "qwen05/math_gsm_symbolic": DECODER_GSM_QWEN,
 }
 
 #: method -> `lwlora train` flags
@@ -115,7 +147,12 @@ METHODS: dict[str, tuple[str, ...]] = {
     "equal-budget": ("--layers", "all", "--budget-from-ratio", "0.5"),
     "importance-ranks": ("--layers", "all", "--budget-from-ratio", "0.5", "--rank-allocation", "importance"),
     "full": ("--method", "full"),
+    "untuned": (),  # no training: `lwlora eval MODEL` on the test split (instruction cases)
 }
+
+#: methods trained at the full fine-tuning grid / not trained at all
+FULL_METHODS = ("full",)
+UNTRAINED_METHODS = ("untuned",)
 
 
 @dataclass
@@ -129,22 +166,35 @@ class Job:
     error: str | None = None
     log: Path | None = field(default=None, repr=False)
     wall_s: float | None = None  # the whole process: start, load, select, train, evaluate
+    lr: float | None = None  # the learning rate it trains at (None: not trained)
+    phase: str = "final"  # "tune" (validation split, learning-rate search) or "final" (test split)
+    lr_multiple: float | None = None
 
 
-def build_argv(case: str, method: str, seed: int, *, model: str, data_root: Path, run_dir: Path, recipe: Recipe, bf16: bool, max_steps: int | None) -> list[str]:
-    """The ``lwlora train`` arguments of one run."""
+def build_argv(case: str, method: str, seed: int, *, model: str, data_root: Path, run_dir: Path, recipe: Recipe, bf16: bool, max_steps: int | None, lr: float | None = None, eval_splits: str = "test", data_dir: Path | None = None) -> list[str]:
+    """The ``lwlora train`` arguments of one run (``lwlora eval`` for ``untuned``) at ``lr``
+    (default: the recipe's rate for the method), scored on ``eval_splits`` of the case's data
+    folder (or of ``data_dir``: a learning-rate search's own split)."""
     _, task_dir = case.split("/", 1)
-    lr = recipe.full_lr if method == "full" else recipe.lr
+    if data_dir is not None:
+        data_root, task_dir = data_dir.parent, data_dir.name
+    if method in UNTRAINED_METHODS:
+        return ["eval", model, "--task", recipe.task, "--data", str(data_root / task_dir), "--eval-splits", eval_splits, "--batch-size", "64",
+                "--out", str(run_dir / "eval.json"), "--no-progress", *_eval_flags(recipe.extra)] + (["--max-eval-samples", str(recipe.max_eval_samples)] if recipe.max_eval_samples else [])
+    if lr is None:
+        lr = recipe.full_lr if method in FULL_METHODS else recipe.lr
     extra = list(recipe.extra)
     if method == "full" and "--modules-to-save" in extra:  # full fine-tuning trains every module already
         at = extra.index("--modules-to-save")
         del extra[at : at + 2]
     argv = [
         "train", model, "--task", recipe.task, "--data", str(data_root / task_dir), "--out", str(run_dir),
-        *METHODS[method], "--r", str(recipe.r), "--lr", str(lr), "--epochs", str(recipe.epochs),
+        *METHODS[method], "--r", str(recipe.r), "--lr", f"{lr:g}", "--epochs", str(recipe.epochs),
         "--batch-size", str(recipe.batch_size), "--max-length", str(recipe.max_length), "--seed", str(seed),
-        "--eval-splits", "test", "--eval-every", "1000000", "--eval-batch-size", "64", "--dropout", "0.05", "--save-every", "1000000", "--logging-steps", "10", "--no-progress", *extra,
+        "--eval-splits", eval_splits, "--eval-every", "1000000", "--eval-batch-size", "64", "--dropout", "0.05", "--save-every", "1000000", "--logging-steps", "10", "--no-progress", *extra,
     ]
+    if recipe.grad_accum != 1:
+        argv += ["--grad-accum", str(recipe.grad_accum)]
     if recipe.max_train_samples:
         argv += ["--max-train-samples", str(recipe.max_train_samples)]
     if recipe.max_eval_samples:
@@ -156,21 +206,69 @@ def build_argv(case: str, method: str, seed: int, *, model: str, data_root: Path
     return argv
 
 
+def tuning_split(train_file: Path, group_column: str, out: Path, *, fraction: float, seed: int) -> dict[str, Any]:
+    """Write ``out/train.jsonl`` and ``out/validation.jsonl`` from ``train_file``: ``fraction`` of
+    its groups (values of ``group_column``, drawn with ``seed``) held out whole as validation, the
+    rest to train on. A learning rate chosen there is chosen for unseen groups, as the test split
+    asks. Returns what was written (groups held out, record counts)."""
+    import random
+
+    from lwlora.data import read_jsonl
+
+    records = read_jsonl(train_file)
+    missing = sum(1 for r in records if group_column not in r)
+    if missing:
+        raise SystemExit(f"{train_file}: {missing} records lack the group column {group_column!r}")
+    groups = sorted({r[group_column] for r in records}, key=str)
+    held = set(random.Random(seed).sample(groups, max(1, round(fraction * len(groups)))))
+    train = [r for r in records if r[group_column] not in held]
+    validation = [r for r in records if r[group_column] in held]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("validation", validation)):
+        atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    meta = train_file.parent / "meta.json"
+    if meta.is_file():
+        shutil.copy2(meta, out / "meta.json")
+    return {"group_column": group_column, "fraction": fraction, "seed": seed, "held_out_groups": sorted(held, key=str), "groups": len(groups), "train": len(train), "validation": len(validation)}
+
+
+def _eval_flags(extra: tuple[str, ...]) -> list[str]:
+    """The recipe's flags that ``lwlora eval`` takes too (how answers are generated and read)."""
+    kept = []
+    for flag in ("--max-new-tokens", "--choice-mode"):
+        if flag in extra:
+            at = extra.index(flag)
+            kept += [flag, extra[at + 1]]
+    return kept
+
+
 NOT_RUN = "not run: --time-limit reached (run the command again to continue)"
 
 
 def read_run(run_dir: Path) -> dict[str, Any] | None:
+    """What a finished run reports: its final evaluation, parameters, time, and its cost per step
+    (train seconds / optimizer steps, peak GPU memory) as the run itself measured them; or an
+    untrained model's evaluation (``eval.json``)."""
     path = run_dir / "metrics.json"
     if not path.is_file():
+        untrained = run_dir / "eval.json"
+        if untrained.is_file():
+            return {"final": json.loads(untrained.read_text()), "params": {"trainable": 0, "adapter": 0, "head": 0}, "runtime_s": None, "selected": [], "adapter_rank": None, "train_loss": None}
         return None
     metrics = json.loads(path.read_text())
+    train = metrics.get("train", {})
+    steps = train.get("global_step") or 0
+    runtime = train.get("runtime_s")
+    peak = train.get("peak_memory_bytes")
     return {
         "final": metrics.get("final", {}),
         "params": metrics.get("params"),
-        "runtime_s": metrics.get("train", {}).get("runtime_s"),
+        "runtime_s": runtime,
         "selected": metrics.get("selected"),
         "adapter_rank": metrics.get("adapter_rank"),
-        "train_loss": metrics.get("train", {}).get("train_loss"),
+        "train_loss": train.get("train_loss"),
+        "step_s": round(runtime / steps, 4) if runtime and steps else None,
+        "peak_memory_gib": round(peak / 2**30, 3) if peak and train.get("peak_memory_kind") == "cuda_allocated" else None,
     }
 
 
@@ -194,7 +292,10 @@ def execute(job: Job, gpu: str | None) -> None:
     if job.result is not None:
         return
     cache = tempfile.mkdtemp(prefix="lwlora-quality-")  # one datasets cache per run: no cross-process file locks
-    env = dict(os.environ, HF_DATASETS_CACHE=cache, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env = dict(os.environ, HF_DATASETS_CACHE=cache, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+               # several runs share a GPU: without expandable segments each process's cache fragments and
+               # holds 2-3x its peak allocation (34 GiB reserved for a 13 GiB peak), starving the others
+               PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"))
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     job.run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +303,8 @@ def execute(job: Job, gpu: str | None) -> None:
     started = time.perf_counter()
     try:
         with open(job.log, "w") as log:
-            done = subprocess.run([sys.executable, "-m", "lwlora", *job.argv, "--overwrite"], stdout=log, stderr=subprocess.STDOUT, env=env)
+            command = [sys.executable, "-m", "lwlora", *job.argv, *(["--overwrite"] if job.argv[0] == "train" else [])]
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     job.wall_s = round(time.perf_counter() - started, 1)
@@ -269,14 +371,98 @@ def test_metric(final: dict[str, Any], metric: str) -> float | None:
 
 
 def summarise(jobs: list[Job]) -> dict[str, Any]:
-    """Per case: summarise_runs (mean ± std of every metric, params, time) plus the test metric."""
+    """Per case: summarise_runs (mean ± std of every metric, params, time) plus the learning rate,
+    step time and peak GPU memory, over the final (test-split) runs."""
     out: dict[str, Any] = {}
-    for case in dict.fromkeys(j.case for j in jobs):
-        runs = [{"method": j.method, "seed": j.seed, "final": j.result["final"], "params": j.result["params"], "runtime_s": j.result["runtime_s"]} for j in jobs if j.case == case and j.result]
+    final = [j for j in jobs if j.phase == "final"]
+    for case in dict.fromkeys(j.case for j in final):
+        mine = [j for j in final if j.case == case and j.result]
+        runs = [{"method": j.method, "seed": j.seed, "final": j.result["final"], "params": j.result["params"], "runtime_s": j.result["runtime_s"]} for j in mine]
         out[case] = summarise_runs(runs) if runs else {}
         for method, stats in out[case].items():
-            stats["selected"] = {str(j.seed): j.result["selected"] for j in jobs if j.case == case and j.method == method and j.result}
+            ran = [j for j in mine if j.method == method]
+            stats["selected"] = {str(j.seed): j.result["selected"] for j in ran}
+            stats["lr"] = next((j.lr for j in ran), None)
+            for key in ("step_s", "peak_memory_gib"):
+                values = [j.result.get(key) for j in ran if j.result.get(key) is not None]
+                stats[key] = _mean_std(values) if values else None
     return out
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    import statistics
+
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def validation_score(job: Job, metric: str) -> float | None:
+    """A tuning run's score: ``metric`` on the validation split, the only split tuning reads."""
+    if not job.result:
+        return None
+    value = (job.result.get("final", {}).get("validation") or {}).get(metric)
+    return None if value is None else float(value)
+
+
+def choose_multiple(scores: dict[float, float | None]) -> float | None:
+    """The learning-rate multiple with the best validation score (ties: the smaller multiple,
+    the cautious choice); None when no run of the grid finished."""
+    scored = [(m, v) for m, v in scores.items() if v is not None]
+    if not scored:
+        return None
+    best = max(v for _, v in scored)
+    return min(m for m, v in scored if v == best)
+
+
+def widened(scores: dict[float, float | None], chosen: float | None) -> float | None:
+    """The next multiple to try when ``chosen`` sits at an edge of the grid (x2 beyond the top,
+    /2 below the bottom), else None."""
+    if chosen is None:
+        return None
+    grid = sorted(scores)
+    if len(grid) > 1 and chosen == grid[-1]:
+        return grid[-1] * 2
+    if len(grid) > 1 and chosen == grid[0]:
+        return grid[0] / 2
+    return None
+
+
+def tune_learning_rates(cases: list[str], methods: list[str], *, make_job, grids: dict[str, list[float]], metrics: dict[str, str], widen: int, run) -> dict[str, dict[str, Any]]:
+    """Choose every (case, method)'s learning-rate multiple on the validation split.
+
+    ``make_job(case, method, multiple)`` builds a tuning job; ``grids[method]`` is its starting
+    grid; ``metrics[case]`` the metric compared; ``run(jobs)`` trains jobs (resumable, so finished runs are only read). Grids sitting at
+    an edge grow by one point per round, at most ``widen`` times. Returns
+    case -> method -> {"scores": {multiple: validation score}, "chosen": multiple, "edge": bool, "jobs": [...]}.
+    """
+    state: dict[str, dict[str, Any]] = {c: {m: {"multiples": list(grids[m]), "added": 0} for m in methods if m not in UNTRAINED_METHODS} for c in cases}
+    jobs: dict[tuple[str, str, float], Job] = {}
+    while True:
+        pending = [(c, m, x) for c in state for m in state[c] for x in state[c][m]["multiples"] if (c, m, x) not in jobs]
+        if not pending:
+            break
+        new = {key: make_job(*key) for key in pending}
+        run(list(new.values()))
+        jobs.update(new)
+        for case, per_method in state.items():
+            for method, entry in per_method.items():
+                scores = {x: validation_score(jobs[(case, method, x)], metrics[case]) for x in entry["multiples"]}
+                chosen = choose_multiple(scores)
+                entry.update(scores=scores, chosen=chosen)
+                beyond = widened(scores, chosen)
+                if beyond is not None and entry["added"] < widen:
+                    entry["multiples"].append(beyond)
+                    entry["added"] += 1
+    result: dict[str, dict[str, Any]] = {}
+    for case, per_method in state.items():
+        result[case] = {}
+        for method, entry in per_method.items():
+            result[case][method] = {
+                "scores": {f"{x:g}": entry["scores"][x] for x in sorted(entry["scores"])},
+                "chosen": entry["chosen"],
+                "edge": widened(entry["scores"], entry["chosen"]) is not None,
+                "jobs": [jobs[(case, method, x)] for x in sorted(entry["multiples"])],
+            }
+    return result
 
 
 def trivial_baseline(data_root: Path, case: str) -> float | None:
@@ -299,23 +485,44 @@ def _fmt(stat: dict[str, float] | None, scale: float = 1.0, digits: int = 1) -> 
     return "—" if not stat else f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
-def markdown(summary: dict[str, Any], env: dict[str, Any], baselines: dict[str, float | None], recipes: dict[str, dict[str, Any]]) -> str:
-    """One table per case; ``recipes``: case -> the recipe the runs used (as saved in the JSON)."""
+def markdown(summary: dict[str, Any], env: dict[str, Any], baselines: dict[str, float | None], recipes: dict[str, dict[str, Any]], tuning: dict[str, Any] | None = None) -> str:
+    """One table per case; ``recipes``: case -> the recipe the runs used (as saved in the JSON);
+    ``tuning``: case -> method -> the learning-rate search on the validation split."""
+    tuning = tuning or {}
     lines = [f"Quality of layer selections ({env.get('gpu', 'cpu')}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}). Test metric in %, mean ± std over seeds.", ""]
     for case, methods in summary.items():
         recipe = Recipe(**{**recipes[case], "extra": tuple(recipes[case]["extra"])}) if case in recipes else None
         lines += [f"### {case}", ""]
         if recipe is not None:
-            lines += [f"`{recipe.task}`, r {recipe.r}, lr {recipe.lr:g} (full: {recipe.full_lr:g}), {recipe.epochs:g} epochs, batch {recipe.batch_size}, max length {recipe.max_length}, train samples {recipe.max_train_samples or 'all'}, `{' '.join(recipe.extra)}`", ""]
+            batch = f"{recipe.batch_size}" + (f" x {recipe.grad_accum} accumulated" if recipe.grad_accum != 1 else "")
+            lines += [f"`{recipe.task}`, r {recipe.r}, recipe lr {recipe.lr:g} (full: {recipe.full_lr:g}), {recipe.epochs:g} epochs, batch {batch}, max length {recipe.max_length}, train samples {recipe.max_train_samples or 'all'}, `{' '.join(recipe.extra)}`", ""]
         if baselines.get(case) is not None:
             lines += [f"Trivial baseline (majority class or 1 / choices) on the test split: {100 * baselines[case]:.1f}%", ""]
-        lines += [f"| method | seeds | test {recipe.metric if recipe else 'accuracy'} (%) | trainable params | train time (s) | blocks (seed 0) |", "|---|---|---|---|---|---|"]
         metric = recipe.metric if recipe else "accuracy"
+        lines += [f"| method | lr | seeds | test {metric} (%) | trainable params | train time (s) | step (s) | peak GPU memory (GiB) | blocks (seed 0) |", "|---|---|---|---|---|---|---|---|---|"]
         for method, stats in methods.items():
             test = stats["final"].get("test", {}).get(metric)
             blocks = next(iter(stats.get("selected", {}).values()), None)
-            lines.append(f"| {method} | {stats['num_seeds']} | {_fmt(test, 100)} | {_fmt(stats['trainable_params'], 1, 0)} | {_fmt(stats['train_runtime_s'], 1, 1)} | {','.join(map(str, blocks)) if blocks else '—'} |")
+            lr = stats.get("lr")
+            lines.append(
+                f"| {method} | {f'{lr:g}' if lr else '—'} | {stats['num_seeds']} | {_fmt(test, 100)} | {_fmt(stats['trainable_params'], 1, 0)} | {_fmt(stats['train_runtime_s'], 1, 1)} "
+                f"| {_fmt(stats.get('step_s'), 1, 3)} | {_fmt(stats.get('peak_memory_gib'), 1, 1)} | {','.join(map(str, blocks)) if blocks else '—'} |"
+            )
         lines.append("")
+        if tuning.get(case):
+            multiples = sorted({float(x) for entry in tuning[case].values() for x in entry["scores"]})
+            lines += [f"Learning-rate search (seed {tuning[case][next(iter(tuning[case]))].get('seed', 0)}, validation {metric} in %, multiples of the recipe's rate; **bold**: chosen; † the best sits at the grid's edge after widening):", ""]
+            lines += ["| method | " + " | ".join(f"{x:g}x" for x in multiples) + " |", "|---|" + "---|" * len(multiples)]
+            for method, entry in tuning[case].items():
+                cells = []
+                for x in multiples:
+                    value = entry["scores"].get(f"{x:g}")
+                    text = "—" if value is None else f"{100 * value:.1f}"
+                    if entry["chosen"] is not None and x == float(entry["chosen"]) and value is not None:
+                        text = f"**{text}**" + (" †" if entry.get("edge") else "")
+                    cells.append(text)
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append("")
     lines.append(f"Command: `{env['command']}`")
     return "\n".join(lines) + "\n"
 
@@ -380,11 +587,27 @@ def parse_models(pairs: list[str]) -> dict[str, str]:
     return models
 
 
+def _multiples(text: str, flag: str) -> list[float]:
+    try:
+        values = sorted({float(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise SystemExit(f"{flag}: expected comma-separated positive numbers like 1,2,4,8, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise SystemExit(f"{flag}: expected comma-separated positive numbers like 1,2,4,8, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", action="append", help=f"model/task (default: all): {', '.join(CASES)}")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated: {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(m for m in METHODS if m not in UNTRAINED_METHODS), help=f"comma-separated: {', '.join(METHODS)}")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--protocol", choices=["tuned", "fixed"], default="tuned", help="tuned (default): each method's learning rate chosen on the validation split first; fixed: the recipe's rate for every method")
+    parser.add_argument("--lr-grid", default="1,2,4,8", help="tuned: multiples of the recipe's learning rate tried for the adapter methods (default 1,2,4,8)")
+    parser.add_argument("--full-lr-grid", default="0.25,0.5,1,2", help="tuned: multiples of the recipe's full fine-tuning rate (default 0.25,0.5,1,2)")
+    parser.add_argument("--widen", type=int, default=2, help="tuned: grid points added (x2 or /2) while the best rate sits at an edge (default 2)")
+    parser.add_argument("--tune-seed", type=int, default=0, help="tuned: the seed of the learning-rate search (default 0)")
+    parser.add_argument("--tune-holdout", type=float, default=0.2, help="tuned, cases with a group column: share of train's groups held out as the search's validation split (default 0.2)")
     parser.add_argument("--model", action="append", default=[], help="KEY=PATH_OR_ID, overriding a default model")
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"), help="folder of the task folders (../shared/data)")
     parser.add_argument("--runs", help="where the run directories go (default: OUT-runs)")
@@ -403,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(Path(args.from_json).read_text())
         baselines = {case: trivial_baseline(Path(args.data_root), case) for case in saved["summary"]}
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out.with_suffix(".md"), markdown(saved["summary"], saved["environment"], baselines, saved["recipes"]))
+        atomic_write_text(out.with_suffix(".md"), markdown(saved["summary"], saved["environment"], baselines, saved["recipes"], saved.get("tuning")))
         plot(saved["summary"], out.with_suffix(".png"), baselines, saved["recipes"])
         return 0
 
@@ -413,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not methods:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    grids = {"lora": _multiples(args.lr_grid, "--lr-grid"), "full": _multiples(args.full_lr_grid, "--full-lr-grid")}
+    if args.widen < 0:
+        raise SystemExit(f"--widen: must be >= 0, got {args.widen}")
     cases = args.case or list(CASES)
     recipes = {"encoder": ENCODER, "decoder-classification": DECODER_CLASSIFICATION, "decoder-gsm": DECODER_GSM, "decoder-choice": DECODER_CHOICE}
     for case in cases:
@@ -425,44 +651,107 @@ def main(argv: list[str] | None = None) -> int:
     missing = sorted({c.split('/', 1)[1] for c in cases if not (data_root / c.split('/', 1)[1]).is_dir()})
     if missing:
         raise SystemExit(f"--data-root: {data_root} lacks the task folder(s) {missing} (see ../shared/data/README.md)")
+    if args.retries < 0:
+        raise SystemExit(f"--retries: must be >= 0, got {args.retries}")
 
     import torch
 
     bf16 = torch.cuda.is_available() and not args.no_bf16
     runs_root = Path(args.runs) if args.runs else out.with_name(out.name + "-runs")
-    jobs = []
-    for seed in seeds:  # seed-major: every method's first seed finishes before any second seed
-        for case in cases:
-            for method in methods:
-                run_dir = runs_root / case.replace("/", "__") / f"{method}-seed{seed}"
-                recipe = CASES.get(case) or recipes[args.recipe]
-                model = models[case.split("/", 1)[0]]
-                jobs.append(Job(case, method, seed, run_dir, build_argv(case, method, seed, model=model, data_root=data_root, run_dir=run_dir, recipe=recipe, bf16=bf16, max_steps=args.max_steps)))
     gpus: list[str | None] = args.gpus.split(",") if args.gpus else [None]
-    if args.retries < 0:
-        raise SystemExit(f"--retries: must be >= 0, got {args.retries}")
-    run_jobs(jobs, workers=max(1, args.jobs), gpus=gpus, time_limit=args.time_limit, retries=args.retries)
+    recipe_of = {case: CASES.get(case) or recipes[args.recipe] for case in cases}
+    started = time.perf_counter()
+
+    def run(batch: list[Job]) -> None:
+        left = None if args.time_limit is None else args.time_limit - (time.perf_counter() - started)
+        run_jobs(batch, workers=max(1, args.jobs), gpus=gpus, time_limit=left, retries=args.retries)
+
+    def base_lr(case: str, method: str) -> float:
+        recipe = recipe_of[case]
+        return recipe.full_lr if method in FULL_METHODS else recipe.lr
+
+    tuning_data: dict[str, dict[str, Any]] = {}
+    if args.protocol == "tuned":
+        if not 0 < args.tune_holdout < 1:
+            raise SystemExit(f"--tune-holdout: must be in (0, 1), got {args.tune_holdout}")
+        for case in cases:
+            group = recipe_of[case].group_column
+            if group:
+                folder = runs_root / case.replace("/", "__") / "tune-data"
+                tuning_data[case] = {"path": str(folder), **tuning_split(data_root / case.split("/", 1)[1] / "train.jsonl", group, folder, fraction=args.tune_holdout, seed=args.tune_seed)}
+
+    def make_job(case: str, method: str, seed: int, *, lr: float | None, phase: str, multiple: float | None = None) -> Job:
+        folder = runs_root / case.replace("/", "__")
+        if phase == "tune":
+            run_dir = folder / "tune" / f"{method}-x{multiple:g}-seed{seed}"
+        else:
+            run_dir = folder / (f"{method}-seed{seed}" if method not in UNTRAINED_METHODS else method)
+        model = models[case.split("/", 1)[0]]
+        argv = build_argv(case, method, seed, model=model, data_root=data_root, run_dir=run_dir, recipe=recipe_of[case], bf16=bf16, max_steps=args.max_steps, lr=lr, eval_splits="validation" if phase == "tune" else "test",
+                          data_dir=Path(tuning_data[case]["path"]) if phase == "tune" and case in tuning_data else None)
+        return Job(case, method, seed, run_dir, argv, lr=lr, phase=phase, lr_multiple=multiple)
+
+    tuning: dict[str, Any] = {}
+    chosen_lr: dict[tuple[str, str], float | None] = {}
+    tune_jobs: list[Job] = []
+    trained = [m for m in methods if m not in UNTRAINED_METHODS]
+    if args.protocol == "tuned" and trained:
+        searched = tune_learning_rates(
+            cases, trained,
+            make_job=lambda c, m, x: make_job(c, m, args.tune_seed, lr=base_lr(c, m) * x, phase="tune", multiple=x),
+            grids={m: grids["full" if m in FULL_METHODS else "lora"] for m in trained},
+            metrics={c: recipe_of[c].metric for c in cases}, widen=args.widen, run=run,
+        )
+        for case, per_method in searched.items():
+            tuning[case] = {}
+            for method, entry in per_method.items():
+                tune_jobs += entry.pop("jobs")
+                chosen_lr[(case, method)] = None if entry["chosen"] is None else base_lr(case, method) * entry["chosen"]
+                tuning[case][method] = {**entry, "seed": args.tune_seed, "lr": chosen_lr[(case, method)]}
+    else:
+        chosen_lr = {(c, m): base_lr(c, m) for c in cases for m in trained}
+
+    jobs: list[Job] = []
+    for case in cases:  # the untrained model once per case, then seed-major: every method's first seed finishes first
+        jobs += [make_job(case, m, 0, lr=None, phase="final") for m in methods if m in UNTRAINED_METHODS and recipe_of[case].task == "instruction"]
+    unrunnable: list[Job] = []
+    for seed in seeds:
+        for case in cases:
+            for method in trained:
+                lr = chosen_lr[(case, method)]
+                job = make_job(case, method, seed, lr=lr if lr is not None else base_lr(case, method), phase="final")
+                if lr is None:  # every run of its learning-rate search failed
+                    job.error = "not run: no learning rate was chosen (every tuning run failed)"
+                    unrunnable.append(job)
+                else:
+                    jobs.append(job)
+    run(jobs)
+    jobs += unrunnable
 
     env = environment()
     summary = summarise(jobs)
+    every = tune_jobs + jobs
     result = {
         "environment": env,
-        "recipes": {case: asdict(CASES.get(case) or recipes[args.recipe]) for case in cases},
+        "protocol": args.protocol,
+        "recipes": {case: asdict(recipe_of[case]) for case in cases},
         "methods": {m: list(METHODS[m]) for m in methods},
         "seeds": seeds,
-        "runs": [{"case": j.case, "method": j.method, "seed": j.seed, "run_dir": str(j.run_dir), "argv": j.argv, "error": j.error, "wall_s": j.wall_s, **(j.result or {})} for j in jobs],
+        "tuning": tuning,
+        "tuning_data": tuning_data,
+        "runs": [{"case": j.case, "method": j.method, "seed": j.seed, "phase": j.phase, "lr": j.lr, "lr_multiple": j.lr_multiple, "run_dir": str(j.run_dir), "argv": j.argv, "error": j.error, "wall_s": j.wall_s, **(j.result or {})} for j in every],
         "summary": summary,
     }
     baselines = {case: trivial_baseline(data_root, case) for case in cases}
     result["trivial_baselines"] = baselines
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), result)
-    atomic_write_text(out.with_suffix(".md"), markdown(summary, env, baselines, result["recipes"]))
+    atomic_write_text(out.with_suffix(".md"), markdown(summary, env, baselines, result["recipes"], tuning))
     plot(summary, out.with_suffix(".png"), baselines, result["recipes"])
-    print(markdown(summary, env, baselines, result["recipes"]))
-    failed = [j for j in jobs if j.error]
+    print(markdown(summary, env, baselines, result["recipes"], tuning))
+    failed = [j for j in every if j.error]
     for j in failed:
-        print(f"FAILED {j.case} {j.method} seed {j.seed}: {j.error} (log: {j.log})", file=sys.stderr)
+        print(f"FAILED {j.case} {j.method} seed {j.seed} ({j.phase}): {j.error} (log: {j.log})", file=sys.stderr)
     return 1 if failed else 0
 
 

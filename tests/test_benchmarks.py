@@ -120,7 +120,7 @@ def test_quality_benchmark_smoke(tmp_path, tiny_bert_dir, data_files):
     for split, rows in (("train", records), ("validation", records[:8]), ("test", records[8:20])):
         write_jsonl(task / f"{split}.jsonl", rows)
     argv = ["--case", "minilm/tiny_cls", "--recipe", "encoder", "--model", f"minilm={tiny_bert_dir}", "--data-root", str(tmp_path / "data"),
-            "--methods", "all-layer,cka-50,equal-budget", "--seeds", "0", "--max-steps", "2", "--out", str(tmp_path / "q")]
+            "--methods", "all-layer,cka-50,equal-budget", "--seeds", "0", "--max-steps", "2", "--protocol", "fixed", "--out", str(tmp_path / "q")]
     assert bench.main(argv) == 0
     data = json.loads((tmp_path / "q.json").read_text())
     runs = {r["method"]: r for r in data["runs"]}
@@ -134,7 +134,7 @@ def test_quality_benchmark_smoke(tmp_path, tiny_bert_dir, data_files):
     assert runs["equal-budget"]["adapter_rank"]["r"] == equal_budget_rank(runs["all-layer"]["adapter_rank"]["r"], layers // 2, layers)
     summary = data["summary"]["minilm/tiny_cls"]
     assert 0.0 <= summary["cka-50"]["final"]["test"]["accuracy"]["mean"] <= 1.0
-    assert "| cka-50 | 1 |" in (tmp_path / "q.md").read_text()
+    assert "| cka-50 | 0.0005 | 1 |" in (tmp_path / "q.md").read_text()
     assert (tmp_path / "q.png").stat().st_size > 0
     # the trivial baseline: the majority class of the 12 test rows (labels alternate 0/1 -> 50%)
     assert data["trivial_baselines"]["minilm/tiny_cls"] == 0.5
@@ -151,6 +151,87 @@ def test_quality_benchmark_smoke(tmp_path, tiny_bert_dir, data_files):
     assert (Path(runs["cka-50"]["run_dir"]) / "metrics.json").stat().st_mtime_ns != stamp["cka-50"]
     assert (Path(runs["all-layer"]["run_dir"]) / "metrics.json").stat().st_mtime_ns == stamp["all-layer"]
     assert json.loads(argv_file.read_text())[0] == "train" and "older" not in json.loads(argv_file.read_text())
+
+
+def test_quality_tuned_protocol_chooses_on_validation_then_trains_seeds_on_test(tmp_path, tiny_bert_dir):
+    """--protocol tuned end to end on a tiny BERT: the search runs train on validation only, the
+    final runs at the chosen rate on test, and the report names the chosen rate."""
+    from conftest import SENTENCES, write_jsonl
+
+    bench = load_script("quality")
+    task = tmp_path / "data" / "tiny_cls"
+    task.mkdir(parents=True)
+    records = [{"text": s, "label": i % 2} for i, s in enumerate(SENTENCES)]
+    for split, rows in (("train", records), ("validation", records[:8]), ("test", records[8:20])):
+        write_jsonl(task / f"{split}.jsonl", rows)
+    argv = ["--case", "minilm/tiny_cls", "--recipe", "encoder", "--model", f"minilm={tiny_bert_dir}", "--data-root", str(tmp_path / "data"),
+            "--methods", "cka-50", "--seeds", "0,1", "--max-steps", "2", "--lr-grid", "1,2", "--widen", "1", "--out", str(tmp_path / "q")]
+    assert bench.main(argv) == 0
+    data = json.loads((tmp_path / "q.json").read_text())
+    tune = [r for r in data["runs"] if r["phase"] == "tune"]
+    final = [r for r in data["runs"] if r["phase"] == "final"]
+    assert all(r["argv"][r["argv"].index("--eval-splits") + 1] == "validation" for r in tune)
+    assert all(set(r["final"]) == {"validation"} for r in tune)
+    assert all(r["argv"][r["argv"].index("--eval-splits") + 1] == "test" for r in final) and len(final) == 2
+    entry = data["tuning"]["minilm/tiny_cls"]["cka-50"]
+    assert len(tune) in (2, 3)  # 1x and 2x, and one widening point when the best sat at an edge
+    assert entry["lr"] == pytest.approx(bench.ENCODER.lr * entry["chosen"])
+    assert {r["lr"] for r in final} == {entry["lr"]}
+    assert data["summary"]["minilm/tiny_cls"]["cka-50"]["lr"] == entry["lr"]
+    report = (tmp_path / "q.md").read_text()
+    assert "Learning-rate search" in report and "**" in report
+
+
+def _fake_job(bench, validation: float | None, test: float):
+    job = bench.Job("m/t", "x", 0, Path("/nonexistent"), ["train"])
+    job.result = None if validation is None else {"final": {"validation": {"accuracy": validation}, "test": {"accuracy": test}}}
+    return job
+
+
+def test_learning_rate_choice_reads_validation_only_and_widens_at_edges():
+    """The choice depends on validation scores alone (the test scores here would pick otherwise),
+    ties go to the smaller rate, an edge optimum adds one point per round up to --widen times."""
+    bench = load_script("quality")
+    # validation rises with the rate up to 16x, test falls with it
+    validation = {0.5: 0.50, 1.0: 0.60, 2.0: 0.70, 4.0: 0.80, 8.0: 0.85, 16.0: 0.90, 32.0: 0.95}
+    made = []
+
+    def make_job(case, method, multiple):
+        made.append(multiple)
+        return _fake_job(bench, validation[multiple], 1.0 - validation[multiple])
+
+    searched = bench.tune_learning_rates(["m/t"], ["x"], make_job=make_job, grids={"x": [1.0, 2.0, 4.0, 8.0]}, metrics={"m/t": "accuracy"}, widen=2, run=lambda jobs: None)
+    entry = searched["m/t"]["x"]
+    assert made == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]  # widened twice, upwards only
+    assert entry["chosen"] == 32.0 and entry["edge"] is True
+    assert bench.choose_multiple({1.0: 0.5, 2.0: 0.5, 4.0: 0.4}) == 1.0  # ties: the smaller rate
+    assert bench.choose_multiple({1.0: None, 2.0: None}) is None
+    assert bench.widened({1.0: 0.9, 2.0: 0.5, 4.0: 0.4}, 1.0) == 0.5
+    assert bench.widened({1.0: 0.5, 2.0: 0.9, 4.0: 0.4}, 2.0) is None
+    # a failed run (no result) is never chosen
+    searched = bench.tune_learning_rates(["m/t"], ["x"], make_job=lambda c, m, x: _fake_job(bench, None if x == 2.0 else {1.0: 0.3, 4.0: 0.2}[x], 0.0), grids={"x": [1.0, 2.0, 4.0]}, metrics={"m/t": "accuracy"}, widen=0, run=lambda jobs: None)
+    assert searched["m/t"]["x"]["chosen"] == 1.0 and searched["m/t"]["x"]["scores"]["2"] is None
+
+
+def test_quality_untuned_is_an_evaluation_of_the_pretrained_model(tmp_path):
+    bench = load_script("quality")
+    argv = bench.build_argv("qwen05/math_gsm_symbolic", "untuned", 0, model="m", data_root=tmp_path, run_dir=tmp_path / "untuned", recipe=bench.CASES["qwen05/math_gsm_symbolic"], bf16=True, max_steps=None)
+    assert argv[:2] == ["eval", "m"] and argv[argv.index("--eval-splits") + 1] == "test"
+    assert argv[argv.index("--max-new-tokens") + 1] == "256" and argv[argv.index("--out") + 1] == str(tmp_path / "untuned" / "eval.json")
+    from lwlora.cli import build_parser
+
+    build_parser().parse_args(argv)  # lwlora eval takes every flag
+    (tmp_path / "untuned").mkdir()
+    (tmp_path / "untuned" / "eval.json").write_text(json.dumps({"test": {"exact_match": 0.08, "n": 347}}))
+    assert bench.read_run(tmp_path / "untuned")["final"]["test"]["exact_match"] == 0.08
+
+
+def test_quality_qwen_recipe_keeps_the_global_batch():
+    bench = load_script("quality")
+    recipe = bench.CASES["qwen05/math_gsm_symbolic"]
+    assert recipe.batch_size * recipe.grad_accum == bench.DECODER_GSM.batch_size
+    argv = bench.build_argv("qwen05/math_gsm_symbolic", "cka-50", 0, model="m", data_root=Path("/d"), run_dir=Path("/r"), recipe=recipe, bf16=True, max_steps=None, lr=8e-4)
+    assert argv[argv.index("--grad-accum") + 1] == "2" and argv[argv.index("--lr") + 1] == "0.0008"
 
 
 def test_quality_benchmark_rejects_bad_input(tmp_path):
@@ -175,6 +256,8 @@ def test_quality_recipe_flags_fit_every_method(tmp_path):
     parser = build_parser()
     for case, recipe in bench.CASES.items():
         for method in bench.METHODS:
+            if method in bench.UNTRAINED_METHODS:
+                continue
             argv = bench.build_argv(case, method, 0, model="m", data_root=tmp_path, run_dir=tmp_path / "run", recipe=recipe, bf16=False, max_steps=None)
             args = parser.parse_args(argv)
             fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
@@ -285,3 +368,51 @@ def test_quality_retries_failed_runs_alone_on_a_gpu(tmp_path, monkeypatch):
     late = [bench.Job("m/t", "method5", 0, tmp_path / "late", ["train"])]
     bench.run_jobs(late, workers=1, gpus=[None], time_limit=-1, retries=3)
     assert attempts == {} and late[0].error == bench.NOT_RUN
+
+
+def test_selection_in_train_benchmark_smoke(tmp_path, tiny_llama_dir):
+    """Both sides score the same samples of a tiny Llama on the CPU and agree on the blocks."""
+    from conftest import write_jsonl
+
+    bench = load_script("selection_in_train")
+    data = tmp_path / "instruct"
+    data.mkdir()
+    rows = [{"instruction": f"the cat sat {i} times", "output": f"the dog ran #### {i}"} for i in range(12)]
+    write_jsonl(data / "train.jsonl", rows)
+    write_jsonl(data / "validation.jsonl", rows[:2])
+    assert bench.main(["--model", str(tiny_llama_dir), "--data", str(data), "--num-samples", "8", "--device", "cpu", "--max-length", "32", "--repeats", "1", "--out", str(tmp_path / "b")]) == 0
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["select"]["device"] == "cpu" and result["train"]["fp32"]["device"] == "cpu"
+    assert result["train"]["bf16"]["dtype"].startswith("bfloat16 (autocast")
+    assert result["train"]["fp32"]["selected"] == result["select"]["selected"]
+    assert result["select"]["num_samples"] == result["train"]["fp32"]["num_samples"] == 8
+    assert "ratio to select" in (tmp_path / "b.md").read_text()
+
+
+def test_tuning_split_holds_out_whole_groups(tmp_path):
+    """No group is on both sides, the held-out share is the asked one, and it is seeded."""
+    from conftest import write_jsonl
+
+    bench = load_script("quality")
+    rows = [{"instruction": f"q{g}-{v}", "output": "a", "template": g} for g in range(10) for v in range(g + 1)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    (tmp_path / "meta.json").write_text("{}")
+    info = bench.tuning_split(tmp_path / "train.jsonl", "template", tmp_path / "tune", fraction=0.2, seed=0)
+    train = [json.loads(line) for line in (tmp_path / "tune" / "train.jsonl").read_text().splitlines()]
+    validation = [json.loads(line) for line in (tmp_path / "tune" / "validation.jsonl").read_text().splitlines()]
+    assert len(info["held_out_groups"]) == 2 and {r["template"] for r in validation} == set(info["held_out_groups"])
+    assert not {r["template"] for r in train} & {r["template"] for r in validation}
+    assert len(train) + len(validation) == len(rows) == info["train"] + info["validation"]
+    assert (tmp_path / "tune" / "meta.json").is_file()
+    again = bench.tuning_split(tmp_path / "train.jsonl", "template", tmp_path / "tune2", fraction=0.2, seed=0)
+    assert again["held_out_groups"] == info["held_out_groups"]
+    import pytest
+
+    write_jsonl(tmp_path / "nogroup.jsonl", [{"instruction": "q", "output": "a"}])
+    with pytest.raises(SystemExit, match="group column"):
+        bench.tuning_split(tmp_path / "nogroup.jsonl", "template", tmp_path / "tune3", fraction=0.2, seed=0)
+    # the search's runs read the split; the final runs the case's own folder
+    recipe = bench.CASES["qwen05/math_gsm_symbolic"]
+    argv = bench.build_argv("qwen05/math_gsm_symbolic", "cka-50", 0, model="m", data_root=Path("/d"), run_dir=Path("/r"), recipe=recipe, bf16=False, max_steps=None, eval_splits="validation", data_dir=tmp_path / "tune")
+    assert argv[argv.index("--data") + 1] == str(tmp_path / "tune")
+    assert recipe.group_column == "template"
