@@ -257,7 +257,7 @@ def test_unsupported_extension(tmp_path):
 def test_garbage_jsonl(tmp_path):
     path = tmp_path / "garbage.jsonl"
     path.write_text('{"text": "fine"}\nthis is not json {{{\n', encoding="utf-8")
-    with _raises("--data", "cannot read"):
+    with _raises("--data", str(path), "line 2"):
         load_records(str(path))
 
 

@@ -152,9 +152,7 @@ def _run_select(args: argparse.Namespace) -> int:
     )
     selection = select_layers(config)
     paths = write_artifacts(selection, out)
-    print(format_table(selection))
-    for message in selection.warnings:
-        print(f"warning: {message}", file=sys.stderr)
+    print(format_table(selection))  # its warnings reached stderr through the lwlora logger already
     print(f"\nwrote {paths['selection']}, {paths['scores']}, {paths['plot']}")
     print("\napply it:\n" + peft_snippet(str(paths["selection"])))
     return 0
@@ -369,6 +367,31 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _WarningHandler(logging.StreamHandler):
+    """lwlora's own warnings, one ``warning: ...`` line each on stderr (the stream of the moment,
+    so a test's captured stderr sees them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname_lower)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        record.levelname_lower = record.levelname.lower()
+        super().emit(record)
+
+
+def _route_warnings_to_stderr() -> None:
+    """Every warning logged on the ``lwlora`` logger (few samples, degenerate blocks, newly
+    initialised modules, ...) is printed once, as ``warning: <message>``; not again through the root
+    logger, and not twice when ``main`` runs more than once in a process."""
+    lwlora_logger = logging.getLogger("lwlora")
+    lwlora_logger.handlers = [h for h in lwlora_logger.handlers if not isinstance(h, (_WarningHandler, logging.NullHandler))]
+    lwlora_logger.addHandler(_WarningHandler())
+    lwlora_logger.setLevel(logging.WARNING)
+    lwlora_logger.propagate = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     import lwlora
 
@@ -389,9 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    lwlora_logger = logging.getLogger("lwlora")
-    lwlora_logger.addHandler(logging.NullHandler())
-    lwlora_logger.propagate = False  # warnings are printed once, by the command
+    _route_warnings_to_stderr()
     try:
         return args.run(args)
     except ConfigError as exc:

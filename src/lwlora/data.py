@@ -4,7 +4,7 @@ and render each one to text (optionally a text pair, for sentence-pair encoders)
 A data spec (CLI ``--data``) is one of:
 
 - a local file: ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` / ``.txt`` (one sample per line),
-  also gzip-compressed (``.jsonl.gz``);
+  also gzip-compressed (``.jsonl.gz``); text formats must be UTF-8;
 - a local directory of splits (``train.jsonl``, ``validation.jsonl``, ...), optionally
   ``DIR:split``; the ``train`` split by default;
 - a ``datasets`` Hub name ``name[:config][:split]`` (split ``train`` by default);
@@ -13,25 +13,40 @@ A data spec (CLI ``--data``) is one of:
 Text: ``--template`` (a ``str.format`` template over the record's fields, or a named preset such
 as ``alpaca``) or ``--text-column`` (default: the first of ``text``, ``sentence``, ``prompt``, ...
 present), and ``--text-pair-column`` for pairs (detected for the usual GLUE column pairs).
+
+Files users really have are checked before ``datasets`` sees them, so each failure is one
+``ConfigError("--data")`` naming the file and where in it: bytes that are not UTF-8 (line and byte
+offset, and the ``iconv`` remedy), an empty or all-blank file, a JSON Lines line that does not
+parse (its line and column). Lines are split on ``\\n`` only: JSON strings may hold U+2028 or U+0085,
+which ``str.splitlines`` would split on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
+import logging
 import random
 import string
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lwlora.errors import ConfigError
 
+
 #: A ``datasets.Dataset`` or a list of dicts: both support ``len`` and ``records[i] -> dict``.
 Records = Any
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+#: Formats read as UTF-8 text (parquet is binary).
+TEXT_FORMATS = (".jsonl", ".json", ".csv", ".txt")
+#: What JSON itself counts as whitespace (``str.strip()`` would also take U+2028, U+0085, ...).
+_JSON_SPACE = " \t\r\n"
 
 TEXT_COLUMNS = ("text", "sentence", "prompt", "question", "instruction", "query", "content", "input", "premise", "sentence1", "question1")
 PAIR_COLUMNS = {
@@ -103,26 +118,201 @@ def _builtin_path(name: str) -> tuple[Path, BuiltinData]:
     return Path(spec.origin).parent / entry.relative_path, entry
 
 
-def _read_local_file(path: Path) -> Records:
+def _file_type(path: Path) -> tuple[str, bool]:
+    """(format extension, gzip-compressed) of a data file: ``x.jsonl.gz`` -> (".jsonl", True)."""
     suffixes = path.suffixes
     compressed = suffixes[-1:] == [".gz"]
     ext = (suffixes[-2] if compressed and len(suffixes) > 1 else path.suffix).lower()
     if ext not in LOCAL_FORMATS:
         raise ConfigError("--data", f"{path}: unsupported file type {ext or '(none)'}; use one of {', '.join(LOCAL_FORMATS)} (optionally .gz)")
+    return ext, compressed
+
+
+def _not_utf8(path: Path, compressed: bool, line: int, offset: int, raw: bytes, exc: UnicodeDecodeError) -> ConfigError:
+    """The one-line error for a line that is not UTF-8: where (line, byte offset) and the command
+    that fixes it, since the user usually just has a Latin-1 (or UTF-16) export."""
+    utf16 = line == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff"))
+    source = "utf-16" if utf16 else "latin1"
+    fixed = path.name.replace(".", ".utf8.", 1) if "." in path.name else path.name + ".utf8"
+    command = f"gunzip -c {path.name} | iconv -f {source} -t utf-8 | gzip > {fixed}" if compressed else f"iconv -f {source} -t utf-8 {path.name} > {fixed}"
+    where = f"line {line}, byte offset {offset + exc.start}" + (" of the decompressed data" if compressed else "")
+    found = "a UTF-16 byte-order mark" if utf16 else f"byte 0x{raw[exc.start]:02x}"
+    return ConfigError("--data", f"{path} is not UTF-8: {found} at {where}; re-encode it as UTF-8, e.g. {command}")
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number from 1, text) of each line of a UTF-8 file (gunzipped when it ends in .gz).
+
+    Splits on ``\\n`` only (a trailing ``\\r`` is dropped): ``str.splitlines`` also splits on
+    U+2028, U+0085 and form feeds, which JSON strings may hold. A UTF-8 byte-order mark is skipped.
+    Bytes that are not UTF-8 and unreadable gzip data are a ``ConfigError`` naming the file and the
+    line, rather than a ``UnicodeDecodeError`` traceback (or, via ``datasets``, strings that fail
+    only when a record is read)."""
+    _, compressed = _file_type(path)
+    offset = 0
     try:
-        if ext in (".jsonl", ".txt") and compressed:
-            with gzip.open(path, "rt", encoding="utf-8") as handle:
-                lines = handle.read().splitlines()
-            if ext == ".txt":
-                return [{"text": line} for line in lines if line.strip()]
-            return [json.loads(line) for line in lines if line.strip()]
+        with gzip.open(path, "rb") if compressed else path.open("rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise _not_utf8(path, compressed, number, offset, raw, exc) from None
+                offset += len(raw)
+                if number == 1:
+                    text = text.removeprefix("\ufeff")
+                yield number, text.removesuffix("\n").removesuffix("\r")
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ConfigError("--data", f"cannot read {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _no_content(path: Path, lines: int) -> ConfigError:
+    """An empty file and one of blank lines get their own message, not ``StopIteration``."""
+    if lines == 0:
+        return ConfigError("--data", f"{path} is empty; it needs at least one record")
+    return ConfigError("--data", f"{path} has only blank lines ({lines}); it needs at least one record")
+
+
+def check_text_file(path: Path) -> None:
+    """Read a text data file once, before ``datasets`` does: it must be UTF-8 throughout (pyarrow
+    loads other bytes silently and fails later, when a record is read) and hold a non-blank line
+    (``datasets`` raises ``StopIteration`` or a ``SchemaInferenceError`` otherwise)."""
+    lines = 0
+    content = False
+    for lines, text in iter_lines(path):
+        content = content or bool(text.strip(_JSON_SPACE))
+    if not content:
+        raise _no_content(path, lines)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every record of a JSON Lines file (blank lines skipped), parsed strictly line by line so that
+    a broken line is reported by its number and column; ``datasets`` says only "An error occurred
+    while generating the dataset" or a byte position."""
+    records: list[dict[str, Any]] = []
+    number = 0
+    for number, text in iter_lines(path):
+        if not text.strip(_JSON_SPACE):
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError("--data", f"{path}, line {number}, column {exc.colno}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+        if not isinstance(value, dict):
+            raise ConfigError("--data", f"{path}, line {number}: a JSON {_json_kind(value)}, not an object; each line must be one JSON object such as {{\"text\": ...}}")
+        records.append(value)
+    if not records:
+        raise _no_content(path, number)
+    return records
+
+
+def _json_kind(value: Any) -> str:
+    """JSON's name for a parsed value's type (the user wrote JSON, not Python)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    return {list: "array", str: "string"}.get(type(value), "number")
+
+
+def read_text_lines(path: Path) -> list[dict[str, str]]:
+    """A ``.txt`` file as ``{"text": line}`` records, one per non-blank line (split on ``\\n``
+    only, like JSON Lines)."""
+    lines = 0
+    records = []
+    for lines, text in iter_lines(path):
+        if text.strip():
+            records.append({"text": text})
+    if not records:
+        raise _no_content(path, lines)
+    return records
+
+
+def read_json_file(path: Path) -> Any:
+    """A whole JSON document (not lines), with a syntax error reported as file, line and column."""
+    text = "\n".join(line for _, line in iter_lines(path))
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("--data", f"{path}, line {exc.lineno}, column {exc.colno}: not valid JSON ({exc.msg})") from None
+
+
+def _looks_like_json_lines(path: Path) -> bool:
+    """``datasets`` also reads JSON Lines saved as ``.json``: true when the first non-blank line is
+    a complete JSON object on its own."""
+    for _, text in iter_lines(path):
+        if text.strip(_JSON_SPACE):
+            try:
+                return isinstance(json.loads(text), dict)
+            except json.JSONDecodeError:
+                return False
+    return False
+
+
+def _diagnose(path: Path, ext: str) -> None:
+    """After ``datasets`` failed on a JSON file: re-read it strictly and raise the error that names
+    the line (and column) at fault. Returns when the syntax is fine (e.g. mixed column types),
+    leaving the caller to report ``datasets``' own reason."""
+    if ext == ".jsonl":
+        read_jsonl(path)
+        return
+    if ext != ".json":
+        return
+    try:
+        value = read_json_file(path)
+    except ConfigError:
+        if _looks_like_json_lines(path):
+            read_jsonl(path)
+        raise
+    if value == [] or value == {}:
+        raise ConfigError("--data", f"{path} holds no records (an empty JSON {'array' if value == [] else 'object'}); it needs at least one record")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _reason(exc: BaseException) -> str:
+    """``datasets`` wraps the parser's error (pandas' "Expected 2 fields in line 3, saw 3", ...)
+    in a ``DatasetGenerationError`` that says nothing: report the wrapped one."""
+    if type(exc).__name__ == "DatasetGenerationError" and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {_first_line(exc)}".rstrip(": ")
+
+
+@contextlib.contextmanager
+def _datasets_errors_silenced() -> Iterator[None]:
+    """``datasets`` logs its parser's failure (level ERROR, to stderr) before raising it; the
+    caller reports that failure itself in one line, so the log would only say it twice."""
+    datasets_logger = logging.getLogger("datasets")
+    previous = datasets_logger.level
+    datasets_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logger.setLevel(previous)
+
+
+def _read_local_file(path: Path) -> Records:
+    """Records of one local data file; every failure is a one-line ``ConfigError("--data")``
+    naming the file (and the line, where it is known)."""
+    ext, compressed = _file_type(path)
+    if ext == ".txt":
+        return read_text_lines(path)
+    if ext == ".jsonl" and compressed:
+        return read_jsonl(path)
+    if ext in TEXT_FORMATS:
+        check_text_file(path)
+    elif not compressed and path.stat().st_size == 0:
+        raise _no_content(path, 0)
+    try:
         from datasets import load_dataset
 
-        return load_dataset(LOCAL_FORMATS[ext], data_files=str(path), split="train")
-    except ConfigError:
-        raise
+        with _datasets_errors_silenced():
+            return load_dataset(LOCAL_FORMATS[ext], data_files=str(path), split="train")
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
-        raise ConfigError("--data", f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        _diagnose(path, ext)
+        raise ConfigError("--data", f"cannot read {path}: {_reason(exc)}") from None
 
 
 def _split_file(directory: Path, split: str) -> Path:
@@ -135,8 +325,8 @@ def _split_file(directory: Path, split: str) -> Path:
 
 def load_records(spec: str) -> Records:
     """All records of a data spec (see module docstring): a ``datasets.Dataset`` (or a list of
-    dicts for gzip files); either way ``len(records)`` and ``records[i] -> dict`` work, and records
-    are only materialised when drawn."""
+    dicts for ``.txt`` and ``.jsonl.gz`` files); either way ``len(records)`` and
+    ``records[i] -> dict`` work, and records are only materialised when drawn."""
     if not spec:
         raise ConfigError("--data", "is empty; give a file, a directory, a Hub dataset name or builtin:NAME")
     if spec.startswith("builtin:"):
@@ -199,9 +389,19 @@ def resolve_columns(columns: list[str], text_column: str | None, text_pair_colum
     return text_column, text_pair_column, template
 
 
+def few_samples_warning(asked: int, available: int, what: str) -> str | None:
+    """The warning for ``what`` holding fewer records than ``--num-samples`` asked (all of them are
+    then used, so the scores rest on fewer samples, and are noisier, than planned); else None."""
+    if available >= asked:
+        return None
+    return f"--num-samples {asked} asked, but {what} has only {available} records: the scores rest on {available} samples"
+
+
 def load_sample_records(spec: str, num_samples: int) -> tuple[Records, list[str]]:
     """(records, column names) of ``--data`` for drawing ``num_samples`` selection samples; an
-    invalid count or empty data is a one-line ``ConfigError``."""
+    invalid count or empty data is a one-line ``ConfigError``. (Fewer records than asked is a
+    warning of the selection that scores them, :func:`few_samples_warning`: given there, once every
+    input is checked, a run that fails on its input prints one line, its error.)"""
     if num_samples < 1:
         raise ConfigError("--num-samples", f"must be at least 1, got {num_samples}")
     records = load_records(spec)

@@ -36,7 +36,7 @@ from lwlora.capture import (
     capture_block_representations,
     compute_placement,
 )
-from lwlora.data import TextSamples, load_text_samples
+from lwlora.data import TextSamples, few_samples_warning, load_text_samples
 from lwlora.errors import ConfigError
 from lwlora.gradient_scores import GRADIENT_SCORERS
 from lwlora.policy import (
@@ -467,6 +467,7 @@ def select_layers(
     layer_scorer = get_scorer(config.scorer, feature_norm=config.feature_norm)
     if len(samples) < layer_scorer.min_samples:
         raise ConfigError("--num-samples", f"the {config.scorer} scorer needs at least {layer_scorer.min_samples} samples, the data gave {len(samples)}")
+    few = few_samples_warning(config.num_samples, len(samples), config.data or samples.source)
     tick = time.perf_counter()
     device, dtype = compute_placement(model)
     extra = ("mean",) if config.degenerate_fallback == "mean" and pooling != "mean" else ()
@@ -483,6 +484,8 @@ def select_layers(
     importances = [r.importance for r in records]
     suffixes, exact = adapter_targets(stack, config.target_modules)
     selected, warnings, budget_info = select_with_budget(importances, policy, stack, config, suffixes, exact)
+    if few:
+        warnings.insert(0, few)
     for record in reversed(records):
         if record.fallback == "mean":
             warnings.insert(0, f"block {record.index}: {record.reason}")

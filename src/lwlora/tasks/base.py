@@ -4,14 +4,13 @@ collator, seeded subsetting, selection-text sampling and data-source access that
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lwlora.data import LOCAL_FORMATS, TextSamples, fingerprint, load_records
+from lwlora.data import LOCAL_FORMATS, TextSamples, fingerprint, load_records, read_json_file
 from lwlora.errors import ConfigError
 
 
@@ -157,10 +156,10 @@ def read_meta(data: str | None) -> dict[str, Any]:
     meta = (path if path.is_dir() else path.parent) / "meta.json"
     if not path.exists() or not meta.is_file():
         return {}
-    try:
-        return json.loads(meta.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError("--data", f"cannot read {meta}: {first_line(exc)}") from None
+    value = read_json_file(meta)  # names the line of a syntax error, or the bytes that are not UTF-8
+    if not isinstance(value, dict):
+        raise ConfigError("--data", f"{meta} must hold a JSON object such as {{\"label_names\": [...]}}")
+    return value
 
 
 def load_eval_source(data: str, eval_splits: tuple[str, ...] | None) -> tuple[Any, dict[str, Any]]:

@@ -11,6 +11,7 @@ probe loss; both raw Fisher values are kept in ``selection.diagnostics``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import time
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from lwlora.blocks import BlockStack
+from lwlora.data import few_samples_warning
 from lwlora.gradient_scores import (
     GRADIENT_SCORERS,
     block_gradient_scores,
@@ -25,6 +27,8 @@ from lwlora.gradient_scores import (
 )
 from lwlora.policy import SelectionPolicy, select_blocks
 from lwlora.selection import LayerRecord, LayerSelection
+
+logger = logging.getLogger("lwlora")
 
 
 def probe_batches(task: Any, *, num_samples: int, batch_size: int, seed: int) -> list[dict[str, Any]]:
@@ -50,6 +54,11 @@ def gradient_selection(config: Any, model: nn.Module, task: Any, stack: BlockSta
     layer_scores = scores_to_layer_scores(values)
     records = [LayerRecord(index=i, cka=None, similarity=None, importance=s.importance, degenerate=s.degenerate, reason=s.reason) for i, s in enumerate(layer_scores)]
     selected, warnings = select_blocks([r.importance for r in records], policy)
+    few = few_samples_warning(config.num_samples, scores.num_samples, f"the training data of {config.data or config.task}")
+    if few:
+        warnings.insert(0, few)
+    for message in warnings:
+        logger.warning(message)
     base = unscored_selection(config, stack, model_kind, selected, scorer)
     return dataclasses.replace(
         base,

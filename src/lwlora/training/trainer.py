@@ -288,6 +288,18 @@ def plan_ranks(config: TrainConfig, selection: Any, stack: Any, model: nn.Module
     return plan
 
 
+def _measures_blocks(config: TrainConfig) -> bool:
+    """Whether the run scores blocks on selection samples (``--layers`` a scorer, or importance
+    ranks), so that the task draws them (and warns when the data holds fewer than asked)."""
+    from lwlora.policy import RULES
+
+    if config.method == "full" or (config.resume and (Path(config.out) / "selection.json").is_file()):
+        return False
+    if config.rank_allocation == "importance":
+        return True
+    return config.selection is None and config.layer_indices is None and config.layers not in RULES
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Select (if asked), train, evaluate and write RUN; see ``lwlora.training.run_dir``."""
     from peft import PeftModel
@@ -322,7 +334,7 @@ def train(config: TrainConfig) -> TrainResult:
         max_train_samples=config.max_train_samples,
         max_eval_samples=config.max_eval_samples,
         eval_splits=config.eval_splits,
-        selection_samples=config.num_samples,
+        selection_samples=config.num_samples if _measures_blocks(config) else 1,
         seed=config.seed,
         packing=config.packing,
     )
