@@ -162,3 +162,43 @@ def test_data_parallel_under_torchrun_on_cpu(tiny_bert_dir, cls_dir, tmp_path):
     assert double["train"]["global_step"] == single["train"]["global_step"] == 3
     assert double["train"]["tokens"] > single["train"]["tokens"]
     assert (tmp_path / "two" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_classification_loss_is_the_same_in_one_and_two_processes(tiny_bert_dir, tmp_path):
+    """The same global batch of 8, three ways: one process, one process accumulating 2 x 4, two DDP
+    processes of 4 (gloo, CPU). The train-loss curves and the eval loss must agree to 1e-4 relative.
+    (transformers 5 treated the classification head's batch-mean loss as a token sum: doubled under
+    two processes, summed over accumulated micro-batches.) Dropout is off so the runs are comparable."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    model = tmp_path / "bert-no-dropout"
+    shutil.copytree(tiny_bert_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+    data = tmp_path / "cls"
+    data.mkdir()
+    rows = [{"text": f"sample {i} is {'good' if i % 2 else 'bad'}", "label": i % 2} for i in range(32)]
+    write_jsonl(data / "train.jsonl", rows)
+    write_jsonl(data / "validation.jsonl", rows[:8])
+
+    def launch(name, processes, *extra):
+        out = tmp_path / name
+        args = ["train", str(model), "--task", "classification", "--data", str(data), "--out", str(out), "--layers", "all", "--max-steps", "3",
+                "--logging-steps", "1", "--max-length", "24", "--device", "cpu", "--no-progress", "--dropout", "0", "--eval-batch-size", "4", "--lr", "5e-3", *extra]
+        prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run([*prefix, "-m", "lwlora.cli", *args], capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        metrics = json.loads((out / "metrics.json").read_text())
+        return [h["loss"] for h in metrics["loss_history"]], metrics["final"]["validation"]["loss"]
+
+    one, one_eval = launch("one", 1, "--batch-size", "8")
+    accumulated, accumulated_eval = launch("accumulated", 1, "--batch-size", "4", "--grad-accum", "2")
+    two, two_eval = launch("two", 2, "--batch-size", "4")
+    assert len(one) == len(accumulated) == len(two) == 3
+    assert one == pytest.approx(accumulated, rel=1e-4) and one == pytest.approx(two, rel=1e-4)
+    assert one_eval == pytest.approx(accumulated_eval, rel=1e-4) and one_eval == pytest.approx(two_eval, rel=1e-4)

@@ -236,6 +236,25 @@ def _training_arguments(config: TrainConfig, run: Path, has_eval: bool, device: 
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k in fields})
 
 
+def declare_loss_reduction(model: nn.Module, task: Any) -> None:
+    """Tell the Trainer whether the model's loss uses ``num_items_in_batch``.
+
+    transformers 5 passes ``num_items_in_batch`` (the batch's label count, summed over processes and
+    accumulated micro-batches) to every model whose ``forward`` takes ``**kwargs``, and then treats
+    the returned loss as a sum over that count: it skips the division by the gradient-accumulation
+    steps and multiplies by the number of processes (``average_tokens_across_devices``). Causal-LM
+    losses do divide by that count. Sequence-classification and regression heads ignore it and
+    return a batch mean, so the Trainer doubled their loss (and gradient) under 2 processes and
+    summed instead of averaged over accumulated micro-batches. ``accepts_loss_kwargs = False`` on
+    the unwrapped model is the Trainer's own switch for such models: the loss is then averaged over
+    micro-batches and over processes (DDP's gradient mean), as the head computes it."""
+    from transformers.trainer_utils import unwrap_peft_model
+
+    if task.kind == "causal_lm":
+        return
+    unwrap_peft_model(model).accepts_loss_kwargs = False
+
+
 def _metrics_function(task: Any):
     from lwlora.evaluation.metrics import compute_metrics, predictions_from_logits
 
@@ -382,6 +401,7 @@ def train(config: TrainConfig) -> TrainResult:
         write_config(run, config.to_json())
         selection.save(selection_path)
 
+    declare_loss_reduction(model, task)
     eval_sets = dict(task.eval)
     trainer = Trainer(
         model=model,
