@@ -202,3 +202,14 @@ def test_classification_loss_is_the_same_in_one_and_two_processes(tiny_bert_dir,
     assert len(one) == len(accumulated) == len(two) == 3
     assert one == pytest.approx(accumulated, rel=1e-4) and one == pytest.approx(two, rel=1e-4)
     assert one_eval == pytest.approx(accumulated_eval, rel=1e-4) and one_eval == pytest.approx(two_eval, rel=1e-4)
+
+
+@pytest.mark.parametrize("lr", ["1e30", "inf"])
+def test_a_diverged_run_fails_and_saves_no_result(tiny_bert_dir, cls_dir, tmp_path, capsys, lr):
+    """A learning rate that blows the weights up ends in one --lr line and a non-zero exit; no
+    adapter, no metrics.json (a NaN adapter must never look like a result)."""
+    out = tmp_path / "run"
+    code = cli.main(train_args(tiny_bert_dir, cls_dir, out, "--layers", "all", "--lr", lr, "--max-steps", "6", "--logging-steps", "1"))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("warning:")]
+    assert code == 2 and len(err) == 1 and "--lr" in err[0], err
+    assert not (out / "adapter").exists() and not (out / "metrics.json").exists()

@@ -211,6 +211,7 @@ def _training_arguments(config: TrainConfig, run: Path, has_eval: bool, device: 
         fp16=config.fp16,
         logging_strategy="steps",
         logging_steps=config.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN step must show in the logged loss (DivergenceGuard)
         eval_strategy=strategy if has_eval else "no",
         save_strategy="steps" if config.save_every else "epoch",
         save_total_limit=1,
@@ -329,6 +330,7 @@ def train(config: TrainConfig) -> TrainResult:
     from lwlora.peft_bridge import apply_selection
     from lwlora.selection import LayerSelection
     from lwlora.tasks import load_task
+    from lwlora.training.callbacks import DivergenceGuard, check_finite
     from lwlora.training.device import compute_context, place_model, resolve_training_device
     from lwlora.training.layers import choose_layers, unscored_selection
     from lwlora.training.report import plot_loss_curve, summarise_history
@@ -402,6 +404,7 @@ def train(config: TrainConfig) -> TrainResult:
         selection.save(selection_path)
 
     declare_loss_reduction(model, task)
+    guard = DivergenceGuard()
     eval_sets = dict(task.eval)
     trainer = Trainer(
         model=model,
@@ -410,6 +413,7 @@ def train(config: TrainConfig) -> TrainResult:
         eval_dataset=eval_sets or None,
         data_collator=task.data_collator,
         compute_metrics=_metrics_function(task) if task.kind != "causal_lm" else None,
+        callbacks=[guard],
     )
     checkpoint = last_checkpoint(run) if config.resume else None
     if torch.cuda.is_available():
@@ -417,6 +421,7 @@ def train(config: TrainConfig) -> TrainResult:
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - started
+    check_finite(model, guard, output.training_loss)  # a diverged run fails here, before any result is written
 
     final: dict[str, Any] = {}
     if eval_sets:
