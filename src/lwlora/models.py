@@ -9,6 +9,7 @@ blocks, so the bare base model (``AutoModel``) is loaded: no LM head, no logits.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 from lwlora.errors import ConfigError
+
+logger = logging.getLogger("lwlora")
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -164,3 +167,43 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
         else:
             raise ConfigError("MODEL", "the tokenizer has no pad, EOS, BOS or UNK token to pad batches with")
     return tokenizer
+
+
+#: families whose learned positions start after the padding index (RoBERTa's
+#: ``create_position_ids_from_input_ids``): ``max_position_embeddings`` 514 holds 512 tokens
+PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "mpnet", "longformer", "ibert", "roberta-prelayernorm", "luke", "markuplm")
+
+
+def position_limit(config: Any) -> int | None:
+    """How many token positions the model has (``max_position_embeddings``, GPT-2's
+    ``n_positions``; a vision-language model's language tower), less RoBERTa-style offsets; None
+    when the config does not say."""
+    text = getattr(config, "text_config", None) or config
+    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    if getattr(text, "model_type", "") in PADDING_OFFSET_POSITIONS:
+        pad = getattr(text, "pad_token_id", None)
+        limit -= (pad if isinstance(pad, int) else 1) + 1
+    return limit
+
+
+def fit_max_length(max_length: int, config: Any, tokenizer: Any, *, pair: bool = False) -> int:
+    """``--max-length`` as the model can take it.
+
+    Above the model's positions (:func:`position_limit`) it is lowered to them, with a warning:
+    a longer sequence would index past learned position embeddings (a ``RuntimeError`` deep in
+    the forward pass) or run where a rotary model was never trained. At or below the number of
+    special tokens the tokenizer adds, no text would be left (and tokenizers then ignore the
+    truncation): a ``--max-length`` ConfigError."""
+    limit = position_limit(config)
+    if limit is not None and max_length > limit:
+        logger.warning(f"--max-length {max_length} is above the {limit} positions of this {getattr(config, 'model_type', 'model')} model: sequences are truncated to {limit} tokens")
+        max_length = limit
+    text = getattr(tokenizer, "tokenizer", tokenizer)
+    counter = getattr(text, "num_special_tokens_to_add", None)
+    specials = int(counter(pair=pair)) if callable(counter) else 0
+    if max_length <= specials:
+        what = "a text pair" if pair else "a text"
+        raise ConfigError("--max-length", f"{max_length} leaves no room for text: the tokenizer adds {specials} special token(s) to {what}; use at least {specials + 1}")
+    return max_length

@@ -418,7 +418,7 @@ def select_layers(
     """Run the whole selection. Pass ``model``/``tokenizer`` to reuse an already loaded model
     (``config.model`` is then only the label recorded in the selection), and ``samples`` to use
     texts prepared elsewhere (e.g. a training task's inputs) instead of reading ``config.data``."""
-    from lwlora.models import infer_model_kind, load_model, prepare_tokenizer
+    from lwlora.models import fit_max_length, infer_model_kind, load_model, prepare_tokenizer
 
     if config.scorer in GRADIENT_SCORERS:
         if model is not None:
@@ -454,6 +454,8 @@ def select_layers(
         raise ValueError("select_layers(model=...) also needs tokenizer=")
     model_kind = model_kind or infer_model_kind(model.config)
     tokenizer = prepare_tokenizer(tokenizer)
+    is_text = getattr(samples, "images", None) is None  # image-text prompts are never truncated
+    max_length = fit_max_length(config.max_length, model.config, tokenizer, pair=samples.text_pairs is not None) if is_text else config.max_length
 
     stack = resolve_block_stack(model, layers_path=config.layers_path, tower=config.tower)
     policy = config.policy_for(model_kind)
@@ -472,7 +474,7 @@ def select_layers(
     device, dtype = compute_placement(model)
     extra = ("mean",) if config.degenerate_fallback == "mean" and pooling != "mean" else ()
     kept = resolve_statistics(config.statistics, config.scorer, bootstrap=config.bootstrap)
-    reps = capture_samples(model, tokenizer, samples, stack, pooling=pooling, batch_size=config.batch_size, max_length=config.max_length, progress=config.progress, extra_poolings=extra, statistics=kept)
+    reps = capture_samples(model, tokenizer, samples, stack, pooling=pooling, batch_size=config.batch_size, max_length=max_length, progress=config.progress, extra_poolings=extra, statistics=kept)
     scores = score_representations(reps, layer_scorer, degenerate_fallback=config.degenerate_fallback)
     timings["score_s"] = time.perf_counter() - tick
 
@@ -528,7 +530,7 @@ def select_layers(
         selected=selected,
         warnings=warnings,
         diagnostics=diagnostics,
-        cost=selection_cost(stack, selected, suffixes, config.r, exact=exact, hidden_size=getattr(model.config, "hidden_size", None), seq_len=config.max_length).to_json(),
+        cost=selection_cost(stack, selected, suffixes, config.r, exact=exact, hidden_size=getattr(model.config, "hidden_size", None), seq_len=max_length).to_json(),
         feature_norm=config.feature_norm,
         device=device,
         dtype=dtype,

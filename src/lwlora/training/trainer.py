@@ -308,6 +308,28 @@ def plan_ranks(config: TrainConfig, selection: Any, stack: Any, model: nn.Module
     return plan
 
 
+def fit_lengths(config: TrainConfig, source: str, gguf_file: str | None, tokenizer: Any) -> TrainConfig:
+    """``config`` with ``max_length`` fitted to the model (lwlora.models.fit_max_length: lowered
+    to its positions with a warning, or refused when no text would fit), read from the model's
+    config before any weights are loaded. Image tasks are never truncated and keep theirs."""
+    from transformers import AutoConfig
+
+    from lwlora.models import fit_max_length
+    from lwlora.tasks.presets import IMAGE_TASKS
+
+    if config.task in IMAGE_TASKS:
+        return config
+    kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        model_config = AutoConfig.from_pretrained(source, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - an unreadable MODEL
+        raise ConfigError("MODEL", f"cannot read the config of {config.model!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    fitted = fit_max_length(config.max_length, model_config, tokenizer, pair=config.text_pair_column is not None)
+    return config if fitted == config.max_length else dataclasses.replace(config, max_length=fitted)
+
+
 def _measures_blocks(config: TrainConfig) -> bool:
     """Whether the run scores blocks on selection samples (``--layers`` a scorer, or importance
     ranks), so that the task draws them (and warns when the data holds fewer than asked)."""
@@ -342,6 +364,8 @@ def train(config: TrainConfig) -> TrainResult:
     run = prepare_run_dir(config.out, config.identity(), resume=config.resume, overwrite=config.overwrite) if main_process else Path(config.out)
     set_seed(config.seed)
     tokenizer, source, gguf_file = load_tokenizer(config)
+    asked = config  # what RUN/train_config.json records (and --resume compares), before lengths are fitted
+    config = fit_lengths(config, source, gguf_file, tokenizer)
     task = load_task(
         config.task,
         tokenizer,
@@ -400,7 +424,7 @@ def train(config: TrainConfig) -> TrainResult:
     params = count_parameters(model)
     # Every input is validated by now: only from here on does RUN get files.
     if main_process:
-        write_config(run, config.to_json())
+        write_config(run, asked.to_json())
         selection.save(selection_path)
 
     declare_loss_reduction(model, task)
@@ -457,6 +481,7 @@ def train(config: TrainConfig) -> TrainResult:
         "layers": config.layers if config.selection is None else f"selection:{config.selection}",
         "selected": selection.selected,
         "num_layers": selection.num_layers,
+        "max_length": config.max_length,  # as fitted to the model's positions (lwlora.models.fit_max_length)
         "lowest_adapted_block": min(selection.selected) if selection.selected else None,
         "params": params,
         "adapter_rank": None if config.method == "full" else {"r": plan_r(model), "per_block": ranks},
