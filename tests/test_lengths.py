@@ -85,3 +85,11 @@ def test_fit_max_length_keeps_lengths_that_fit(tiny_bert_dir):
     assert fit_max_length(3, config, tokenizer) == 3
     with pytest.raises(ConfigError, match="to a text pair; use at least 4"):
         fit_max_length(3, config, tokenizer, pair=True)
+
+
+def test_the_default_length_is_fitted_silently(tiny_bert_dir, long_data, tmp_path, capsys):
+    """The default 512 on a 128-position model: lowered without a warning (nothing was asked)."""
+    out = tmp_path / "sel"
+    assert cli.main(["select", str(tiny_bert_dir), "--data", str(long_data / "train.jsonl"), "--out", str(out), "--num-samples", "12", "--device", "cpu", "--no-progress"]) == 0
+    assert _warnings(capsys.readouterr().err) == []
+    assert json.loads((out / "selection.json").read_text())["cost"]["seq_len"] == 128

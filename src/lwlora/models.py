@@ -188,17 +188,19 @@ def position_limit(config: Any) -> int | None:
     return limit
 
 
-def fit_max_length(max_length: int, config: Any, tokenizer: Any, *, pair: bool = False) -> int:
+def fit_max_length(max_length: int, config: Any, tokenizer: Any, *, pair: bool = False, asked: bool = True) -> int:
     """``--max-length`` as the model can take it.
 
-    Above the model's positions (:func:`position_limit`) it is lowered to them, with a warning:
-    a longer sequence would index past learned position embeddings (a ``RuntimeError`` deep in
-    the forward pass) or run where a rotary model was never trained. At or below the number of
-    special tokens the tokenizer adds, no text would be left (and tokenizers then ignore the
-    truncation): a ``--max-length`` ConfigError."""
+    Above the model's positions (:func:`position_limit`) it is lowered to them: a longer sequence
+    would index past learned position embeddings (a ``RuntimeError`` deep in the forward pass) or
+    run where a rotary model was never trained. That is a warning when the user ``asked`` for the
+    length, silent for the default (512, which a model with fewer positions simply cannot use). At
+    or below the number of special tokens the tokenizer adds, no text would be left (and
+    tokenizers then ignore the truncation): a ``--max-length`` ConfigError."""
     limit = position_limit(config)
     if limit is not None and max_length > limit:
-        logger.warning(f"--max-length {max_length} is above the {limit} positions of this {getattr(config, 'model_type', 'model')} model: sequences are truncated to {limit} tokens")
+        if asked:
+                logger.warning(f"--max-length {max_length} is above the {limit} positions of this {getattr(config, 'model_type', 'model')} model: sequences are truncated to {limit} tokens")
         max_length = limit
     text = getattr(tokenizer, "tokenizer", tokenizer)
     counter = getattr(text, "num_special_tokens_to_add", None)

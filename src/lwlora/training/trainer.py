@@ -326,7 +326,8 @@ def fit_lengths(config: TrainConfig, source: str, gguf_file: str | None, tokeniz
         model_config = AutoConfig.from_pretrained(source, **kwargs)
     except Exception as exc:  # noqa: BLE001 - an unreadable MODEL
         raise ConfigError("MODEL", f"cannot read the config of {config.model!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    fitted = fit_max_length(config.max_length, model_config, tokenizer, pair=config.text_pair_column is not None)
+    asked = config.max_length != TrainConfig.__dataclass_fields__["max_length"].default
+    fitted = fit_max_length(config.max_length, model_config, tokenizer, pair=config.text_pair_column is not None, asked=asked)
     return config if fitted == config.max_length else dataclasses.replace(config, max_length=fitted)
 
 
