@@ -100,16 +100,17 @@ def _disable_progress_bars() -> None:
 
 
 def _run_select(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from lwlora.report import format_table, peft_snippet, write_artifacts
     from lwlora.select import SelectConfig, select_layers
 
     if args.no_progress:
         _disable_progress_bars()
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError("--out", f"{out} exists and is not a directory")
+    from lwlora.io import check_output_dir
+    from lwlora.training.run_dir import CONFIG_FILE
+
+    out = check_output_dir(args.out, "--out")  # before any compute: an unwritable --out fails now
+    if (out / CONFIG_FILE).is_file():
+        raise ConfigError("--out", f"{out} is a training run ({CONFIG_FILE}): its selection.json belongs to that run (and to --resume); write the selection elsewhere")
     config = SelectConfig(
         model=args.model,
         data=args.data,
@@ -194,9 +195,12 @@ TRAIN_HELP = {
 
 
 def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, positional: tuple[str, ...] = (), required: tuple[str, ...] = (), help_texts: dict[str, str] | None = None) -> None:
-    """One flag per dataclass field (``num_layers`` → ``--num-layers``), typed from the default
-    value; the field names are the YAML keys of ``lwlora run`` too."""
+    """One flag per dataclass field (``num_layers`` → ``--num-layers``); the field names are the
+    YAML keys of ``lwlora run`` too. Values reach ``cls`` as the strings typed: ``cls`` converts
+    and checks them (lwlora.options_checks.coerce_fields), so a bad flag and a bad YAML value get
+    the same one-line ``<flag>: <message>`` error. A ``Literal`` field lists its values in the help."""
     import dataclasses
+    import types
     import typing
 
     help_texts = help_texts or {}
@@ -207,21 +211,18 @@ def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, positional
             parser.add_argument(f.name, metavar=f.name.upper(), help=text)
             continue
         flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        kind = base[0]
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if kind is bool:
             if f.default is True:  # e.g. progress -> --no-progress
                 parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=text)
             else:
                 parser.add_argument(flag, dest=f.name, action="store_true", help=text)
             continue
-        if typing.get_origin(kind) is typing.Literal:
-            parser.add_argument(flag, dest=f.name, choices=list(typing.get_args(kind)), default=f.default, help=text)
-            continue
-        convert = kind if kind in (int, float, str) else str
+        metavar = "{" + ",".join(typing.get_args(kind)) + "}" if typing.get_origin(kind) is typing.Literal else None
         default = None if f.name in required else f.default
-        parser.add_argument(flag, dest=f.name, type=convert, default=default, required=f.name in required, help=text)
+        parser.add_argument(flag, dest=f.name, default=default, required=f.name in required, metavar=metavar, help=text)
 
 
 def _add_train(subparsers) -> None:
@@ -356,11 +357,15 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if args.no_progress:
         _disable_progress_bars()
+    from lwlora.io import check_output_file
+
     if args.batch_size < 1:
         raise ConfigError("--batch-size", f"must be at least 1, got {args.batch_size}")
+    out = args.out or (str(Path(args.target) / "eval.json") if (Path(args.target) / "train_config.json").is_file() else None)
+    if out:
+        check_output_file(out, "--out")  # before the model is loaded
     results = evaluate(args.target, task=args.task, data=args.data, max_eval_samples=args.max_eval_samples, eval_splits=args.eval_splits, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, choice_mode=args.choice_mode, progress=not args.no_progress, gguf_file=args.gguf_file)
     print(json.dumps(results, indent=2))
-    out = args.out or (str(Path(args.target) / "eval.json") if (Path(args.target) / "train_config.json").is_file() else None)
     if out:
         atomic_write_json(out, results)
         print(f"wrote {out}")

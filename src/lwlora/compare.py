@@ -506,9 +506,9 @@ def run_compare_cli(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if not progress:
         _disable_progress_bars()
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError("--out", f"{out} exists and is not a directory")
+    from lwlora.io import check_output_dir
+
+    out = check_output_dir(args.out, "--out")  # before the selections: an unwritable --out fails now
     methods = parse_methods(args.methods)
     seeds = parse_seeds(args.seeds) if args.train else None
     if args.train:

@@ -29,7 +29,6 @@ from lwlora.budget import (
     selection_cost,
 )
 from lwlora.capture import (
-    POOLINGS,
     STATISTICS,
     BlockRepresentations,
     Captured,
@@ -59,7 +58,6 @@ from lwlora.tasks.presets import IMAGE_TASKS
 
 logger = logging.getLogger("lwlora")
 
-PRESETS = ("paper",)
 
 
 #: every ``--scorer`` name: similarity scorers, gradient scorers and selection rules
@@ -113,39 +111,42 @@ class SelectConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.scorer in RULES or self.scorer in GRADIENT_SCORERS:
-            if self.feature_norm != "none":
-                raise ConfigError("--feature-norm", f"applies to the CKA scorers, not {self.scorer!r}")
-            min_samples = 1
-        else:
-            min_samples = get_scorer(self.scorer, feature_norm=self.feature_norm).min_samples
-        if self.degenerate_fallback not in ("exclude", "mean"):
-            raise ConfigError("--degenerate-fallback", f"must be 'exclude' or 'mean', got {self.degenerate_fallback!r}")
-        if self.num_samples < min_samples:
-            raise ConfigError("--num-samples", f"the {self.scorer} scorer needs at least {min_samples} samples, got {self.num_samples}")
-        if self.pooling is not None and self.pooling not in POOLINGS:
-            raise ConfigError("--pooling", f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
-        if self.bootstrap < 0:
-            raise ConfigError("--bootstrap", f"must be >= 0 (0: no stability report), got {self.bootstrap}")
-        resolve_statistics(self.statistics, self.scorer, bootstrap=self.bootstrap)
-        if self.batch_size < 1:
-            raise ConfigError("--batch-size", f"must be at least 1, got {self.batch_size}")
-        if self.max_length < 1:
-            raise ConfigError("--max-length", f"must be at least 1, got {self.max_length}")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ConfigError("--preset", f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        """Refuse a bad value or combination before anything is loaded, with the checks
+        ``TrainConfig`` shares (lwlora.options_checks), so both refuse the same values."""
+        from lwlora.blocks import TOWERS
+        from lwlora.options_checks import (
+            ALL_SCORERS,
+            DTYPES,
+            check_at_least,
+            check_budget_options,
+            check_choice,
+            check_device,
+            check_measurement,
+            check_one_count,
+            check_target_modules,
+            coerce_fields,
+            unique_blocks,
+        )
+
+        coerce_fields(self)  # types first (pooling, feature_norm, ... are Literals): the checks below compare typed values
+        check_choice("--scorer", self.scorer, ALL_SCORERS, what="scorer")
+        check_measurement(self.scorer, feature_norm=self.feature_norm, num_samples=self.num_samples, statistics=self.statistics, bootstrap=self.bootstrap)
+        if self.bootstrap < 0 or self.bootstrap == 1:  # one replicate gives an empty interval and no agreement
+            raise ConfigError("--bootstrap", f"must be 0 (no stability report) or at least 2 replicates, got {self.bootstrap}")
+        check_at_least("--batch-size", self.batch_size)
+        check_at_least("--max-length", self.max_length)
+        check_at_least("--r", self.r)
+        if self.layers is not None:
+            object.__setattr__(self, "layers", unique_blocks("--layers", self.layers))
         if self.preset == "paper" and (self.layers is not None or self.include or self.exclude):
             raise ConfigError("--preset", "paper fixes the exclusions itself; drop --layers/--include/--exclude")
         self.policy_for("decoder")  # validates ratio / num_layers / include / exclude early
-        counts = [flag for flag, given in (("--ratio", self.ratio is not None), ("--num-layers", self.num_layers is not None), ("--layers", self.layers is not None), ("--param-budget", self.param_budget is not None), ("--auto", self.auto)) if given]
-        if len(counts) > 1:
-            raise ConfigError(counts[-1], f"give only one of {', '.join(counts)}")
-        if self.param_budget is not None and not self.param_budget > 0:
-            raise ConfigError("--param-budget", f"must be positive (a fraction <= 1 of all-layer LoRA parameters, or a count), got {self.param_budget}")
-        if self.prefer_shallow is not None and not 0 <= self.prefer_shallow < 1:
-            raise ConfigError("--prefer-shallow", f"must be in [0, 1): the share of total importance one may give up, got {self.prefer_shallow}")
-        if self.r < 1:
-            raise ConfigError("--r", f"must be at least 1, got {self.r}")
+        check_one_count([("--ratio", self.ratio is not None), ("--num-layers", self.num_layers is not None), ("--layers", self.layers is not None), ("--param-budget", self.param_budget is not None), ("--auto", self.auto)])
+        check_budget_options(self.param_budget, self.prefer_shallow)
+        check_target_modules(self.target_modules)
+        check_device(self.device)
+        check_choice("--dtype", self.dtype, DTYPES, what="dtype")
+        check_choice("--tower", self.tower, TOWERS, what="tower")
         if self.image_column is not None and self.scorer in GRADIENT_SCORERS:
             raise ConfigError("--image-column", f"the {self.scorer} scorer takes labelled inputs from --task (e.g. --task scienceqa), not --image-column")
 
@@ -455,7 +456,8 @@ def select_layers(
     model_kind = model_kind or infer_model_kind(model.config)
     tokenizer = prepare_tokenizer(tokenizer)
     is_text = getattr(samples, "images", None) is None  # image-text prompts are never truncated
-    max_length = fit_max_length(config.max_length, model.config, tokenizer, pair=samples.text_pairs is not None) if is_text else config.max_length
+    asked = config.max_length != SelectConfig.__dataclass_fields__["max_length"].default
+    max_length = fit_max_length(config.max_length, model.config, tokenizer, pair=samples.text_pairs is not None, asked=asked) if is_text else config.max_length
 
     stack = resolve_block_stack(model, layers_path=config.layers_path, tower=config.tower)
     policy = config.policy_for(model_kind)

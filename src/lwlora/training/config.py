@@ -4,17 +4,41 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from lwlora.errors import ConfigError
-from lwlora.policy import RULES
+from lwlora.options_checks import (
+    ALL_SCORERS,
+    GRADIENT_SCORERS,
+    SIMILARITY_SCORERS,
+    DegenerateFallback,
+    DType,
+    FeatureNorm,
+    Pooling,
+    Preset,
+    Statistics,
+    check_at_least,
+    check_budget_options,
+    check_choice,
+    check_device,
+    check_measurement,
+    check_one_count,
+    check_target_modules,
+    coerce_fields,
+    field_of,
+    flag_of,
+    unique_blocks,
+)
+from lwlora.policy import RULES, SelectionPolicy
 
-TRAIN_METHODS = ("lora", "pissa", "dora", "rslora", "olora", "full")
+Method = Literal["lora", "pissa", "dora", "rslora", "olora", "full"]
+TRAIN_METHODS: tuple[str, ...] = typing.get_args(Method)
 #: ``--layers``: a scorer (measured) or a rule; see lwlora.training.layers.
-LAYER_CHOICES = ("cka", "cka-debiased", "bi", "angular", "fim", "gradnorm", "all", "random", "first", "last")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+LAYER_CHOICES: tuple[str, ...] = ALL_SCORERS
+Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
+SCHEDULERS: tuple[str, ...] = typing.get_args(Scheduler)
 
 #: Fields that define *what* a run trains; resuming a run directory with other values is refused.
 IDENTITY_FIELDS = ("model", "gguf_file", "task", "data", "selection", "layers", "ratio", "num_layers", "method", "r", "alpha", "target_modules", "max_length", "seed")
@@ -32,7 +56,7 @@ class TrainConfig:
     ratio: float | None = None
     num_layers: int | None = None
     # adapters
-    method: Literal["lora", "pissa", "dora", "rslora", "olora", "full"] = "lora"
+    method: Method = "lora"
     r: int = 8
     alpha: float | None = None  # default 2 r
     dropout: float = 0.05
@@ -51,7 +75,7 @@ class TrainConfig:
     max_length: int = 512
     warmup: float = 0.0  # < 1: fraction of the steps; >= 1: number of steps
     weight_decay: float = 0.0
-    scheduler: str = "linear"
+    scheduler: Scheduler = "linear"
     seed: int = 42
     bf16: bool = False
     fp16: bool = False
@@ -69,23 +93,23 @@ class TrainConfig:
     label_column: str | None = None
     instruction_field: str | None = None
     output_field: str | None = None
-    # selection options (used when layers == "cka")
-    scorer: str = "cka"
-    pooling: str | None = None
-    feature_norm: str = "none"
-    degenerate_fallback: str = "exclude"
-    statistics: Literal["rows", "covariance", "auto"] = "auto"  # what the selection's capture keeps (lwlora select --statistics)
+    # selection options (used when a scorer measures the blocks: --layers cka with --scorer, or --layers SCORER)
+    scorer: str = "cka"  # the similarity of --layers cka: cka, cka-debiased, bi, angular (gradient scorers: --layers fim)
+    pooling: Pooling | None = None
+    feature_norm: FeatureNorm = "none"
+    degenerate_fallback: DegenerateFallback = "exclude"
+    statistics: Statistics = "auto"  # what the selection's capture keeps (lwlora select --statistics)
     num_samples: int = 128
     param_budget: float | None = None
     auto: bool = False
     prefer_shallow: float | None = None
     select_batch_size: int = 8
-    preset: str | None = None
+    preset: Preset | None = None
     layers_path: str | None = None
     tower: Literal["language", "vision"] = "language"  # which tower of a vision-language model gets adapters
     # model loading
     gguf_file: str | None = None
-    dtype: str = "auto"
+    dtype: DType = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
     # generation eval (causal tasks)
@@ -98,68 +122,102 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.method not in TRAIN_METHODS:
-            raise ConfigError("--method", f"unknown method {self.method!r}; choose one of {', '.join(TRAIN_METHODS)}")
-        if self.layers not in LAYER_CHOICES and not _is_index_list(self.layers):
+        """Refuse a bad value or combination here, before anything is loaded or written (every
+        entry point builds one: the CLI flags, ``lwlora run``'s YAML, Python callers)."""
+        coerce_fields(self)  # types first: the checks below compare typed values
+        self._check_layers()
+        self._check_adapters()
+        self._check_optimisation()
+        self._check_selection()
+        self._check_run()
+
+    def _check_layers(self) -> None:
+        """``--layers`` and the count options: what blocks, and how many."""
+        indices = self.layer_indices
+        if self.layers not in LAYER_CHOICES and indices is None:
             raise ConfigError("--layers", f"must be one of {', '.join(LAYER_CHOICES)} or block indices like 0,3,5, got {self.layers!r}")
-        if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
-            raise ConfigError("--ratio", f"must be in (0, 1], got {self.ratio}")
-        if self.ratio is not None and self.num_layers is not None:
-            raise ConfigError("--num-layers", "give only one of --ratio and --num-layers")
-        if self.num_layers is not None and self.num_layers < 1:
-            raise ConfigError("--num-layers", f"must be at least 1, got {self.num_layers}")
-        for flag, value in (("--r", self.r), ("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum), ("--max-length", self.max_length), ("--logging-steps", self.logging_steps), ("--max-new-tokens", self.max_new_tokens)):
-            if value < 1:
-                raise ConfigError(flag, f"must be at least 1, got {value}")
-        for flag, value in (("--eval-every", self.eval_every), ("--save-every", self.save_every), ("--max-steps", self.max_steps), ("--max-train-samples", self.max_train_samples), ("--max-eval-samples", self.max_eval_samples), ("--eval-batch-size", self.eval_batch_size)):
-            if value is not None and value < 1:
-                raise ConfigError(flag, f"must be at least 1, got {value}")
-        if not self.epochs > 0 or not math.isfinite(self.epochs):
-            raise ConfigError("--epochs", f"must be positive, got {self.epochs}")
-        if not self.lr > 0:
-            raise ConfigError("--lr", f"must be positive, got {self.lr}")
+        if indices is not None:
+            unique = unique_blocks("--layers", indices)  # warns about a repeated block
+            if unique != indices:
+                object.__setattr__(self, "layers", ",".join(map(str, unique)))
+                indices = unique
+        for count in ({"ratio": self.ratio}, {"num_layers": self.num_layers}):
+            SelectionPolicy(**count)  # lwlora select's checks: --ratio in (0, 1], --num-layers >= 1
+        check_budget_options(self.param_budget, self.prefer_shallow)
+        # as in lwlora select: of two count options one would be ignored without a word. (Explicit
+        # --layers is not counted: --rank-allocation importance re-measures such a selection with
+        # dataclasses.replace(config, num_layers=L), lwlora.training.trainer.plan_ranks.)
+        check_one_count([("--ratio", self.ratio is not None), ("--num-layers", self.num_layers is not None), ("--param-budget", self.param_budget is not None), ("--auto", self.auto)])
+        if self.selection is not None and self.layers not in ("cka",):
+            raise ConfigError("--selection", "give either --selection or --layers, not both")
+        if self.method == "full" and self.selection is not None:
+            raise ConfigError("--method", "full fine-tuning trains every block; drop --selection")
+
+    def _check_adapters(self) -> None:
+        check_at_least("--r", self.r)
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError("--alpha", f"must be positive (omit it for the default 2 r), got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("--dropout", f"must be in [0, 1), got {self.dropout}")
-        if self.warmup < 0:
-            raise ConfigError("--warmup", f"must be >= 0 (a fraction below 1, or steps), got {self.warmup}")
-        if self.weight_decay < 0:
-            raise ConfigError("--weight-decay", f"must be >= 0, got {self.weight_decay}")
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError("--scheduler", f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        if self.budget_from_ratio is not None:
-            if not 0 < self.budget_from_ratio <= 1:
-                raise ConfigError("--budget-from-ratio", f"must be in (0, 1], got {self.budget_from_ratio}")
-            if self.layers != "all":
-                raise ConfigError("--budget-from-ratio", "applies to --layers all (every block at the rank that matches the ratio's parameter budget)")
-        if self.rank_allocation not in ("uniform", "importance"):
-            raise ConfigError("--rank-allocation", f"must be 'uniform' or 'importance', got {self.rank_allocation!r}")
-        if self.rank_allocation == "importance" and self.method == "full":
-            raise ConfigError("--rank-allocation", "applies to adapters, not --method full")
-        if self.eval_splits is not None and not [part for part in self.eval_splits.split(",") if part.strip()]:
-            raise ConfigError("--eval-splits", f"must name at least one split, e.g. validation,test; got {self.eval_splits!r}")
-        if self.statistics not in ("rows", "covariance", "auto"):
-            raise ConfigError("--statistics", f"must be 'rows', 'covariance' or 'auto', got {self.statistics!r}")
-        if self.statistics == "covariance" and self.selection is None and self.method != "full" and self.layer_indices is None and self.layers not in RULES:
-            from lwlora.select import resolve_statistics
-
-            resolve_statistics(self.statistics, self.scorer if self.layers == "cka" else self.layers)  # the measuring scorer must use statistics
-        if self.tower not in ("language", "vision"):
-            raise ConfigError("--tower", f"must be 'language' or 'vision', got {self.tower!r}")
+        check_target_modules(self.target_modules)
         if self.modules_to_save is not None:
             if not [part for part in self.modules_to_save.split(",") if part.strip()]:
                 raise ConfigError("--modules-to-save", f"must name at least one module, e.g. pooler; got {self.modules_to_save!r}")
             if self.method == "full":
                 raise ConfigError("--modules-to-save", "applies to adapters; --method full trains every module already")
-        if self.choice_mode not in ("letter", "loglik"):
-            raise ConfigError("--choice-mode", f"must be 'letter' or 'loglik', got {self.choice_mode!r}")
+        if self.budget_from_ratio is not None:
+            if not 0 < self.budget_from_ratio <= 1:
+                raise ConfigError("--budget-from-ratio", f"must be in (0, 1], got {self.budget_from_ratio}")
+            if self.layers != "all":
+                raise ConfigError("--budget-from-ratio", "applies to --layers all (every block at the rank that matches the ratio's parameter budget)")
+        if self.rank_allocation == "importance" and self.method == "full":
+            raise ConfigError("--rank-allocation", "applies to adapters, not --method full")
+
+    def _check_optimisation(self) -> None:
+        counts = ("batch_size", "grad_accum", "max_length", "logging_steps", "max_new_tokens", "select_batch_size", "eval_every", "save_every", "max_steps", "max_train_samples", "max_eval_samples", "eval_batch_size")
+        for name in counts:  # None (where allowed): not given
+            check_at_least(flag_of(name), getattr(self, name))
+        if not self.epochs > 0:
+            raise ConfigError("--epochs", f"must be positive, got {self.epochs}")
+        if not self.lr > 0:
+            raise ConfigError("--lr", f"must be positive, got {self.lr}")
+        if self.warmup < 0:
+            raise ConfigError("--warmup", f"must be >= 0 (a fraction below 1, or steps), got {self.warmup}")
+        if self.weight_decay < 0:
+            raise ConfigError("--weight-decay", f"must be >= 0, got {self.weight_decay}")
         if self.bf16 and self.fp16:
             raise ConfigError("--fp16", "give only one of --bf16 and --fp16")
+
+    def _check_selection(self) -> None:
+        """The selection options, as strictly as ``SelectConfig`` checks them (the same shared
+        checks), whether or not this run measures: a typo must not wait for a later run."""
+        if self.scorer in GRADIENT_SCORERS:  # select_layers raises a ValueError for it, once the model is loaded
+            raise ConfigError("--scorer", f"{self.scorer} is a gradient scorer: use --layers {self.scorer} (--scorer is the similarity of --layers cka: {', '.join(SIMILARITY_SCORERS)})")
+        if self.scorer in RULES:
+            raise ConfigError("--scorer", f"{self.scorer} is a rule, not a scorer: use --layers {self.scorer} (--scorer is the similarity of --layers cka: {', '.join(SIMILARITY_SCORERS)})")
+        check_choice("--scorer", self.scorer, SIMILARITY_SCORERS, what="scorer")
+        check_at_least("--num-samples", self.num_samples)
+        scorer = self.measuring_scorer
+        if scorer is not None:
+            check_measurement(scorer, feature_norm=self.feature_norm, num_samples=self.num_samples, statistics=self.statistics)
+        check_device(self.device)
+
+    def _check_run(self) -> None:
+        if self.eval_splits is not None and not [part for part in self.eval_splits.split(",") if part.strip()]:
+            raise ConfigError("--eval-splits", f"must name at least one split, e.g. validation,test; got {self.eval_splits!r}")
         if self.resume and self.overwrite:
             raise ConfigError("--overwrite", "give only one of --resume and --overwrite")
-        if self.selection is not None and self.layers not in ("cka",):
-            raise ConfigError("--selection", "give either --selection or --layers, not both")
-        if self.method == "full" and self.selection is not None:
-            raise ConfigError("--method", "full fine-tuning trains every block; drop --selection")
+
+    @property
+    def measuring_scorer(self) -> str | None:
+        """The scorer that measures blocks in this run, or None when none does: ``--layers cka``
+        measures with ``--scorer``, ``--layers NAME`` with scorer NAME, and ``--rank-allocation
+        importance`` measures a rule-made selection with ``--scorer``."""
+        if self.method == "full":
+            return None
+        if self.selection is None and self.layer_indices is None and self.layers not in RULES:
+            return self.scorer if self.layers == "cka" else self.layers
+        return self.scorer if self.rank_allocation == "importance" else None
 
     @property
     def layer_indices(self) -> tuple[int, ...] | None:
@@ -169,8 +227,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "TrainConfig":
-        """Build from a mapping (YAML/JSON); keys may use dashes or underscores; unknown keys are an error."""
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        """Build from a mapping (YAML/JSON); keys may use dashes or underscores; unknown keys are an
+        error, and so is a bad value: ``--config: FILE: key: what is wrong`` (the same checks as
+        the flags of ``lwlora train``, named by the key the user wrote in FILE)."""
         names = {f.name for f in dataclasses.fields(cls)}
         normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
         unknown = sorted(set(normalised) - names)
@@ -179,13 +239,18 @@ class TrainConfig:
         missing = [name for name in ("model", "task", "out") if normalised.get(name) in (None, "")]
         if missing:
             raise ConfigError("--config", f"{source}: missing required key(s) {missing}")
-        if "layers" in normalised and not isinstance(normalised["layers"], str):
-            value = normalised["layers"]
-            normalised["layers"] = ",".join(str(i) for i in value) if isinstance(value, (list, tuple)) else str(value)
-        for key in ("target_modules", "modules_to_save"):
-            if isinstance(normalised.get(key), (list, tuple)):
-                normalised[key] = ",".join(normalised[key])
-        return cls(**normalised)
+        # lists are the natural YAML for the comma-separated options
+        for key in ("layers", "target_modules", "modules_to_save"):
+            value = normalised.get(key)
+            if isinstance(value, (list, tuple)):
+                normalised[key] = ",".join(str(item) for item in value)
+        if isinstance(normalised.get("layers"), int) and not isinstance(normalised["layers"], bool):
+            normalised["layers"] = str(normalised["layers"])  # layers: 3 is block 3
+        try:
+            return cls(**normalised)
+        except ConfigError as exc:
+            key = field_of(exc.flag)
+            raise ConfigError("--config", f"{source}: {key if key in names else exc.flag}: {exc.message}") from None
 
     def identity(self) -> dict[str, Any]:
         data = self.to_json()

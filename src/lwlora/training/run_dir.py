@@ -1,8 +1,9 @@
-"""The run directory ``RUN`` of ``lwlora train``: what it holds and when it may be reused.
+"""The run directory ``RUN`` of ``lwlora train``: what it holds, when it may be reused, and how a
+finished run is never lost to a failed one.
 
 Layout::
 
-    RUN/train_config.json   the resolved TrainConfig (written first: marks the directory as a run)
+    RUN/train_config.json   the TrainConfig as given (written first: marks the directory as a run)
     RUN/selection.json      which blocks carry adapters, and why
     RUN/adapter/            the PEFT adapter (``PeftModel.from_pretrained(base, RUN/adapter)``)
     RUN/model/              full fine-tuning only: the whole model
@@ -12,30 +13,69 @@ Layout::
     RUN/loss_curve.png      training (and evaluation) loss per step
 
 A directory that already holds a run is refused unless ``--resume`` (same run: identity fields
-must match) or ``--overwrite`` (its run files are removed first).
+must match) or ``--overwrite``. An overwriting run is written beside the old one, in
+``.RUN.overwrite/``, and replaces it by renames only once it has finished: a run that fails (bad
+input found late, a crash, a kill) leaves the old run as it was.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lwlora.errors import ConfigError
-from lwlora.io import atomic_write_json
+from lwlora.io import apply_umask, atomic_write_json, check_output_dir
+
+logger = logging.getLogger("lwlora")
 
 CONFIG_FILE = "train_config.json"
-RUN_ENTRIES = (CONFIG_FILE, "selection.json", "adapter", "model", "merged", "checkpoints", "metrics.json", "loss_curve.png", "eval.json", ".adapter.tmp", ".model.tmp", ".merged.tmp")
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def prepare_run_dir(out: str, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> Path:
-    """Validate ``out`` for a new run (or a resumed one) before anything expensive happens."""
-    run = Path(out)
-    if run.exists() and not run.is_dir():
-        raise ConfigError("--out", f"{run} exists and is not a directory")
+@dataclass(frozen=True)
+class RunPlace:
+    """Where a run goes: ``target`` is RUN; ``work`` is where this run writes (RUN itself, or a
+    sibling staging directory that replaces RUN when the run has finished)."""
+
+    target: Path
+    work: Path
+
+    @property
+    def staged(self) -> bool:
+        return self.work != self.target
+
+
+def staging_path(target: Path) -> Path:
+    """The sibling directory an overwriting run is written into (the same on every process of a
+    distributed launch, which all derive it from --out)."""
+    return target.parent / f".{target.name}.overwrite"
+
+
+def _holds_run(run: Path) -> bool:
+    return run.is_dir() and any(run.iterdir())
+
+
+def plan_run_dir(out: str, *, overwrite: bool) -> RunPlace:
+    """Where a run with ``--out out`` writes; pure (no checks, nothing created), so that every
+    process of a distributed launch computes the same place."""
+    target = Path(out)
+    if overwrite and _holds_run(target):
+        return RunPlace(target=target, work=staging_path(target))
+    return RunPlace(target=target, work=target)
+
+
+def prepare_run_dir(out: str, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> RunPlace:
+    """Check ``out`` for a new, resumed or overwriting run before anything expensive happens;
+    nothing of an existing run is touched here (a stale staging directory of an earlier,
+    failed overwrite is cleared)."""
+    run = check_output_dir(out, "--out")
     existing = run / CONFIG_FILE
-    occupied = run.exists() and any(run.iterdir())
     if resume:
         if not existing.is_file():
             raise ConfigError("--resume", f"{run} holds no run to resume ({CONFIG_FILE} missing)")
@@ -46,18 +86,30 @@ def prepare_run_dir(out: str, identity: dict[str, Any], *, resume: bool, overwri
             raise ConfigError("--resume", f"{run} holds a different run ({detail}); use another --out or --overwrite")
         for stale in run.glob(".*.tmp"):  # staging left by an interrupted save
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        return run
-    if occupied:
-        if not overwrite:
-            what = "a run" if existing.is_file() else "files"
-            raise ConfigError("--out", f"{run} already holds {what}; pass --resume to continue it or --overwrite to replace it")
-        for name in RUN_ENTRIES:
-            path = run / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    return run
+        return RunPlace(target=run, work=run)
+    if _holds_run(run) and not overwrite:
+        what = "a run" if existing.is_file() else "files"
+        raise ConfigError("--out", f"{run} already holds {what}; pass --resume to continue it or --overwrite to replace it")
+    place = plan_run_dir(out, overwrite=overwrite)
+    if place.staged and place.work.exists():
+        shutil.rmtree(place.work)
+    return place
+
+
+def finish_run(place: RunPlace) -> Path:
+    """Make the finished run in ``place.work`` the run at ``place.target``. When staged, the old
+    run is renamed aside, the new one renamed into place, then the old one removed: at every
+    moment one complete run is at RUN or about to be (the rename window)."""
+    apply_umask(place.work)
+    if not place.staged:
+        return place.target
+    old = place.target.parent / f".{place.target.name}.replaced"
+    if old.exists():
+        shutil.rmtree(old)
+    place.target.rename(old)
+    place.work.rename(place.target)
+    shutil.rmtree(old)
+    return place.target
 
 
 def write_config(run: Path, config_json: dict[str, Any]) -> None:
@@ -67,7 +119,8 @@ def write_config(run: Path, config_json: dict[str, Any]) -> None:
 
 def publish_directory(run: Path, name: str, staging: Path) -> Path:
     """Move a fully written ``staging`` directory to ``run/name`` (replacing an old one) by renames,
-    so ``run/name`` is never half-written."""
+    so ``run/name`` is never half-written; its files get the umask's permissions."""
+    apply_umask(staging)
     final = run / name
     if final.exists():
         old = run / f".{name}.old"
@@ -81,8 +134,41 @@ def publish_directory(run: Path, name: str, staging: Path) -> Path:
     return final
 
 
-def last_checkpoint(run: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def read_trainer_state(checkpoint: Path) -> dict[str, Any] | None:
+    """The checkpoint's ``trainer_state.json``, or None when it is missing or cut short. The
+    Trainer writes that file last (after weights, optimizer, scheduler and RNG state), so its
+    presence, parseable and naming the checkpoint's own step, marks a complete checkpoint."""
+    path = checkpoint / TRAINER_STATE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    match = _CHECKPOINT.match(checkpoint.name)
+    if not isinstance(state, dict) or match is None or state.get("global_step") != int(match.group(1)):
+        return None
+    return state
 
+
+def last_checkpoint(run: Path, *, remove_incomplete: bool = True) -> str | None:
+    """The newest complete checkpoint in ``run/checkpoints``. Newer incomplete ones (a kill while
+    the Trainer was saving) are removed (``remove_incomplete``: by the main process only; the
+    others skip them all the same), with a warning saying which checkpoint the run resumes from
+    instead: transformers would pick the newest and fail on it."""
     directory = run / "checkpoints"
-    return get_last_checkpoint(str(directory)) if directory.is_dir() else None
+    if not directory.is_dir():
+        return None
+    found = sorted(((int(m.group(1)), path) for path in directory.iterdir() if path.is_dir() and (m := _CHECKPOINT.match(path.name))), reverse=True)
+    incomplete = []
+    chosen = None
+    for _, path in found:
+        if read_trainer_state(path) is not None:
+            chosen = path
+            break
+        incomplete.append(path)
+    if incomplete and remove_incomplete:
+        names = ", ".join(p.name for p in incomplete)
+        then = f"resuming from {chosen.name}" if chosen is not None else "no complete checkpoint is left: training starts from the beginning"
+        logger.warning(f"{names} in {directory} {'is' if len(incomplete) == 1 else 'are'} incomplete (interrupted while saving) and removed; {then}")
+        for stale in incomplete:
+            shutil.rmtree(stale, ignore_errors=True)
+    return str(chosen) if chosen is not None else None

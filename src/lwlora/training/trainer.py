@@ -30,9 +30,13 @@ from lwlora.errors import ConfigError
 from lwlora.io import atomic_write_json
 from lwlora.training.config import TrainConfig
 from lwlora.training.run_dir import (
+    RunPlace,
+    finish_run,
     last_checkpoint,
+    plan_run_dir,
     prepare_run_dir,
     publish_directory,
+    read_trainer_state,
     write_config,
 )
 
@@ -332,28 +336,52 @@ def fit_lengths(config: TrainConfig, source: str, gguf_file: str | None, tokeniz
 
 
 def _measures_blocks(config: TrainConfig) -> bool:
-    """Whether the run scores blocks on selection samples (``--layers`` a scorer, or importance
-    ranks), so that the task draws them (and warns when the data holds fewer than asked)."""
-    from lwlora.policy import RULES
-
-    if config.method == "full" or (config.resume and (Path(config.out) / "selection.json").is_file()):
+    """Whether the run scores blocks on selection samples (so the task draws them): a measuring
+    scorer that is not resumed from a saved selection."""
+    if config.resume and (Path(config.out) / "selection.json").is_file():
         return False
-    if config.rank_allocation == "importance":
-        return True
-    return config.selection is None and config.layer_indices is None and config.layers not in RULES
+    return config.measuring_scorer is not None
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Select (if asked), train, evaluate and write RUN; see ``lwlora.training.run_dir``."""
+def _trainer_class():
+    """transformers' Trainer, feeding each training step's loss to the run's RunLoss."""
+    from transformers import Trainer
+
+    class LwloraTrainer(Trainer):
+        run_loss: Any = None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001 - Trainer's signature
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.run_loss is not None:
+                self.run_loss.add(loss)
+            return loss
+
+    return LwloraTrainer
+
+
+def planned_steps(config: TrainConfig, num_examples: int, processes: int) -> int:
+    """The optimizer steps the whole run makes, as the Trainer counts them: ``--max-steps``, else
+    ceil(epochs x steps per epoch), a step being ``--grad-accum`` batches of every process."""
+    if config.max_steps:
+        return config.max_steps
+    batches = math.ceil(num_examples / (config.batch_size * processes))
+    return math.ceil(config.epochs * math.ceil(batches / config.grad_accum))
+
+
+def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
+    """Select (if asked), train, evaluate and write RUN; see ``lwlora.training.run_dir``.
+
+    ``callbacks``: ``transformers.TrainerCallback`` instances added to the Trainer (after
+    lwlora's own), e.g. to log to a tracker of your own."""
     from peft import PeftModel
-    from transformers import Trainer, set_seed
+    from transformers import TrainerState, set_seed
 
     from lwlora.blocks import resolve_block_stack
     from lwlora.models import infer_model_kind
     from lwlora.peft_bridge import apply_selection
     from lwlora.selection import LayerSelection
     from lwlora.tasks import load_task
-    from lwlora.training.callbacks import DivergenceGuard, check_finite
+    from lwlora.training.callbacks import DivergenceGuard, RunLoss, check_finite
     from lwlora.training.device import compute_context, place_model, resolve_training_device
     from lwlora.training.layers import choose_layers, unscored_selection
     from lwlora.training.report import plot_loss_curve, summarise_history
@@ -362,7 +390,9 @@ def train(config: TrainConfig) -> TrainResult:
     # Under accelerate launch / torchrun every process runs this function; only the main one
     # checks and writes RUN (the Trainer coordinates checkpoints itself).
     main_process = is_main_process()
-    run = prepare_run_dir(config.out, config.identity(), resume=config.resume, overwrite=config.overwrite) if main_process else Path(config.out)
+    # An overwriting run is written beside the old one (place.work) and replaces it at the end.
+    place: RunPlace = prepare_run_dir(config.out, config.identity(), resume=config.resume, overwrite=config.overwrite) if main_process else plan_run_dir(config.out, overwrite=config.overwrite)
+    run = place.work
     set_seed(config.seed)
     tokenizer, source, gguf_file = load_tokenizer(config)
     asked = config  # what RUN/train_config.json records (and --resume compares), before lengths are fitted
@@ -430,23 +460,37 @@ def train(config: TrainConfig) -> TrainResult:
 
     declare_loss_reduction(model, task)
     guard = DivergenceGuard()
+    # every process resumes the same, complete checkpoint; the main one removes incomplete ones
+    checkpoint = last_checkpoint(run, remove_incomplete=main_process) if config.resume else None
+    saved_state = read_trainer_state(Path(checkpoint)) if checkpoint else None
+    run_loss = RunLoss.restore(saved_state)  # the loss of the steps before the resume, as the checkpoint kept it
     eval_sets = dict(task.eval)
-    trainer = Trainer(
+    trainer = _trainer_class()(
         model=model,
         args=_training_arguments(config, run, has_eval=bool(eval_sets), device=device, causal_lm=task.kind == "causal_lm"),
         train_dataset=task.train,
         eval_dataset=eval_sets or None,
         data_collator=task.data_collator,
         compute_metrics=_metrics_function(task) if task.kind != "causal_lm" else None,
-        callbacks=[guard],
+        callbacks=[guard, run_loss, *(callbacks or [])],
     )
-    checkpoint = last_checkpoint(run) if config.resume else None
+    trainer.run_loss = run_loss
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=checkpoint)
+    planned = planned_steps(config, len(task.train), int(os.environ.get("WORLD_SIZE", "1")))
+    if saved_state is not None and saved_state["global_step"] >= planned:
+        # Killed after its last checkpoint: the Trainer would train one step past the end, so the
+        # checkpoint's weights and state are taken as they are and the run goes on to evaluation.
+        logger.warning(f"{Path(checkpoint).name} already holds step {saved_state['global_step']} of {planned}: nothing left to train; evaluating and saving it")
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        session_loss = None
+    else:
+        session_loss = trainer.train(resume_from_checkpoint=checkpoint).training_loss
     train_seconds = time.perf_counter() - started
-    check_finite(model, guard, output.training_loss)  # a diverged run fails here, before any result is written
+    train_loss = run_loss.mean if run_loss.steps == trainer.state.global_step else session_loss
+    check_finite(model, guard, train_loss)  # a diverged run fails here, before any result is written
 
     final: dict[str, Any] = {}
     if eval_sets:
@@ -458,7 +502,7 @@ def train(config: TrainConfig) -> TrainResult:
     staging = run / f".{weights}.tmp"
     trainer.save_model(str(staging))
     if not main_process:  # evaluation by generation and all other writing: the main process only
-        return TrainResult(run_dir=run, metrics={"final": final}, selection=selection, model=model, tokenizer=tokenizer, task=task)
+        return TrainResult(run_dir=place.target, metrics={"final": final}, selection=selection, model=model, tokenizer=tokenizer, task=task)
     tokenizer.save_pretrained(staging)
     publish_directory(run, weights, staging)
 
@@ -491,7 +535,8 @@ def train(config: TrainConfig) -> TrainResult:
             "runtime_s": round(train_seconds, 3),
             "global_step": trainer.state.global_step,
             "epochs": trainer.state.epoch,
-            "train_loss": output.training_loss,
+            "train_loss": train_loss,  # the mean over every step of the run, resumed ones included (RunLoss)
+            "train_loss_this_session": session_loss,
             "tokens": tokens,
             "tokens_per_s": round(tokens / train_seconds, 2) if train_seconds > 0 and tokens else None,
             "resumed_from": checkpoint,
@@ -502,7 +547,8 @@ def train(config: TrainConfig) -> TrainResult:
     }
     atomic_write_json(run / "metrics.json", _json_safe(metrics))
     plot_loss_curve(history, run / "loss_curve.png", title=f"{config.task} · {config.method} · blocks {selection.selected}")
-    return TrainResult(run_dir=run, metrics=metrics, selection=selection, model=model, tokenizer=tokenizer, task=task)
+    target = finish_run(place)  # an overwriting run replaces the old one only now, complete
+    return TrainResult(run_dir=target, metrics=metrics, selection=selection, model=model, tokenizer=tokenizer, task=task)
 
 
 def plan_r(model: nn.Module) -> int | None:
