@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from lwlora.selection import LayerSelection
 
-METHODS: tuple[str, ...] = ("lora", "pissa", "dora", "rslora", "olora")
+METHODS: tuple[str, ...] = ("lora", "pissa", "dora", "rslora", "olora", "eva")
 
 
 class AdapterPlacementError(AssertionError):
@@ -164,12 +164,16 @@ def build_peft_config(
     task_type: str | None = None,
     modules_to_save: Sequence[str] | None = None,
     pissa_niter: int | None = None,
+    eva_rho: float = 2.0,
     **lora_kwargs: Any,
 ) -> "LoraConfig":
     """A ``peft.LoraConfig`` putting adapters on exactly ``selection.selected``.
 
     Args:
-        method: ``lora`` | ``pissa`` | ``dora`` | ``rslora`` | ``olora``.
+        method: ``lora`` | ``pissa`` | ``dora`` | ``rslora`` | ``olora`` | ``eva`` (PEFT's
+            Explained Variance Adaptation: A initialised from the top right-singular vectors of
+            each layer's inputs, ranks redistributed by explained variance up to ``eva_rho`` x r at
+            the same total rank; needs :func:`initialize_eva` on data after wrapping).
         r: adapter rank. alpha: LoRA α (default ``2 r``, the paper's 8/16). dropout: LoRA dropout.
         target_modules: ``"auto"`` (every linear layer inside the blocks) or module names.
         model: the model the config is for; anchors the expression at its exact stack path and
@@ -178,6 +182,7 @@ def build_peft_config(
         task_type: PEFT task type (e.g. ``"SEQ_CLS"``, ``"CAUSAL_LM"``), optional.
         modules_to_save: extra fully trained modules (e.g. a classification head).
         pissa_niter: fast-SVD iterations for PiSSA (``pissa_niter_N``); ``None`` = exact SVD.
+        eva_rho: EVA's redistribution bound (``EvaConfig.rho``; 1 = no redistribution).
         lora_kwargs: passed through to ``LoraConfig``.
     """
     from peft import LoraConfig
@@ -215,6 +220,14 @@ def build_peft_config(
         options["use_dora"] = True
     elif method == "rslora":
         options["use_rslora"] = True
+    elif method == "eva":
+        from peft import EvaConfig
+
+        if not eva_rho >= 1.0:
+            raise ConfigError("--eva-rho", f"must be >= 1 (1: no rank redistribution), got {eva_rho}")
+        # classification labels are one per sequence, not per token: no label mask for them
+        options["init_lora_weights"] = "eva"
+        options["eva_config"] = EvaConfig(rho=eva_rho, use_label_mask=task_type != "SEQ_CLS")
     options.update(lora_kwargs)
     return LoraConfig(
         r=r,
@@ -302,10 +315,35 @@ def apply_selection(
     target_modules: str | Sequence[str] = "auto",
     **kwargs: Any,
 ) -> "PeftModel":
-    """Wrap ``model`` with adapters on the selected blocks (``peft.get_peft_model``) and verify."""
+    """Wrap ``model`` with adapters on the selected blocks (``peft.get_peft_model``) and verify.
+
+    ``method="eva"`` also needs ``init_batches``: model inputs (dicts of tensors on the model's
+    device) whose layer inputs initialise the adapters (:func:`initialize_eva`)."""
     from peft import get_peft_model
 
+    init_batches = kwargs.pop("init_batches", None)
     config = build_peft_config(selection, method=method, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, model=model, **kwargs)
-    peft_model = get_peft_model(model, config)
+    if method == "eva":
+        if not init_batches:
+            raise ConfigError("--method", "eva initialises the adapters from data: pass init_batches (model inputs)")
+        peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)  # EVA sets the weights: skip the default init
+        initialize_eva(peft_model, init_batches)
+    else:
+        peft_model = get_peft_model(model, config)
     verify(peft_model, selection, target_modules)
     return peft_model
+
+
+def initialize_eva(peft_model: nn.Module, batches: Sequence[dict[str, Any]]) -> None:
+    """PEFT's EVA initialisation (``peft.initialize_lora_eva_weights``) on ``batches``: each
+    adapted layer's A takes the top right-singular vectors of its inputs (incremental SVD until
+    they stop changing, cosine ≥ tau), its rank the share of explained variance (at most rho x r,
+    the total kept), B starts at zero. Runs the model forward only, in eval mode."""
+    from peft import initialize_lora_eva_weights
+
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        initialize_lora_eva_weights(peft_model, dataloader=list(batches), show_progress_bar=False)
+    finally:
+        peft_model.train(was_training)

@@ -33,7 +33,7 @@ from lwlora.options_checks import (
 )
 from lwlora.policy import RULES, SelectionPolicy
 
-Method = Literal["lora", "pissa", "dora", "rslora", "olora", "full"]
+Method = Literal["lora", "pissa", "dora", "rslora", "olora", "eva", "full"]
 TRAIN_METHODS: tuple[str, ...] = typing.get_args(Method)
 #: ``--layers``: a scorer (measured) or a rule; see lwlora.training.layers.
 LAYER_CHOICES: tuple[str, ...] = ALL_SCORERS
@@ -62,6 +62,7 @@ class TrainConfig:
     dropout: float = 0.05
     target_modules: str = "auto"  # auto or comma-separated module names
     modules_to_save: str | None = None  # comma-separated modules trained in full besides the head PEFT's task type keeps (e.g. pooler)
+    eva_rho: float = 2.0  # --method eva: ranks redistributed by explained variance up to eva_rho x r (1: none)
     # equal-budget baseline and importance-weighted ranks (lwlora.budget)
     budget_from_ratio: float | None = None  # with --layers all: rank scaled to the budget of floor(ratio x L) blocks
     rank_allocation: Literal["uniform", "importance"] = "uniform"
@@ -155,6 +156,10 @@ class TrainConfig:
 
     def _check_adapters(self) -> None:
         check_at_least("--r", self.r)
+        if not self.eva_rho >= 1.0:
+            raise ConfigError("--eva-rho", f"must be >= 1 (1: no rank redistribution), got {self.eva_rho}")
+        if self.method == "eva" and self.rank_allocation == "importance":
+            raise ConfigError("--rank-allocation", "eva sets every layer's rank itself (by explained variance); drop --rank-allocation importance")
         if self.alpha is not None and not self.alpha > 0:
             raise ConfigError("--alpha", f"must be positive (omit it for the default 2 r), got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:

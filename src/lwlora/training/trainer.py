@@ -449,7 +449,14 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
             logger.warning("training in full the newly initialised module(s) %s (not in the checkpoint; a frozen random layer before the classifier cannot learn)", ", ".join(fresh))
             extra_modules += fresh
         extra_modules = extra_modules or None
-        model = apply_selection(model, selection, method=config.method, r=plan["r"], alpha=plan["alpha"], dropout=config.dropout, target_modules=config.target_modules, task_type=task_type, modules_to_save=extra_modules, **plan["peft_patterns"])
+        eva = {}
+        if config.method == "eva":  # EVA initialises the adapters from the layers' inputs on training examples
+            from lwlora.training.gradient_selection import probe_batches
+
+            batches = probe_batches(task, num_samples=config.num_samples, batch_size=config.select_batch_size, seed=config.seed)
+            eva = {"init_batches": [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches], "eva_rho": config.eva_rho}
+        with compute_context(device, bf16=config.bf16, fp16=config.fp16):
+            model = apply_selection(model, selection, method=config.method, r=plan["r"], alpha=plan["alpha"], dropout=config.dropout, target_modules=config.target_modules, task_type=task_type, modules_to_save=extra_modules, **eva, **plan["peft_patterns"])
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     params = count_parameters(model)
@@ -529,7 +536,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
         "max_length": config.max_length,  # as fitted to the model's positions (lwlora.models.fit_max_length)
         "lowest_adapted_block": min(selection.selected) if selection.selected else None,
         "params": params,
-        "adapter_rank": None if config.method == "full" else {"r": plan_r(model), "per_block": ranks},
+        "adapter_rank": None if config.method == "full" else {"r": plan_r(model), "per_block": ranks, "rank_pattern": rank_pattern_of(model)},
         "cost": run_cost(config, selection, model, params, ranks),
         "train": {
             "runtime_s": round(train_seconds, 3),
@@ -549,6 +556,14 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
     plot_loss_curve(history, run / "loss_curve.png", title=f"{config.task} · {config.method} · blocks {selection.selected}")
     target = finish_run(place)  # an overwriting run replaces the old one only now, complete
     return TrainResult(run_dir=target, metrics=metrics, selection=selection, model=model, tokenizer=tokenizer, task=task)
+
+
+def rank_pattern_of(model: nn.Module) -> dict[str, int] | None:
+    """The adapter's per-module ranks where they differ from r (PEFT's ``rank_pattern``: set by
+    ``--rank-allocation importance`` and by EVA's redistribution), else None."""
+    config = getattr(model, "peft_config", {}).get("default")
+    pattern = dict(getattr(config, "rank_pattern", None) or {})
+    return pattern or None
 
 
 def plan_r(model: nn.Module) -> int | None:
