@@ -416,6 +416,11 @@ def test_capture_reads_the_llava_vision_tower_with_images():
 # ---------------------------------------------------------------------------------------------
 
 
+#: PEFT 0.21's EVA reshapes every layer input as (batch, tokens, features); these architectures feed
+#: some linears otherwise (OPT's flattened MLP input, DeBERTa's relative-position projections)
+EVA_CANNOT_INITIALISE = ("opt", "deberta-v2")
+
+
 @pytest.mark.parametrize("name, method", _params("auto", CASES, METHODS))
 def test_auto_adapts_every_linear_of_the_selected_blocks(name, method):
     model, info = build(name)
@@ -431,6 +436,17 @@ def test_auto_adapts_every_linear_of_the_selected_blocks(name, method):
         # PEFT's OLoRA init ignores fan_in_fan_out and corrupts GPT-2's Conv1D: refused up front.
         with pytest.raises(ConfigError, match="--method: olora cannot adapt Conv1D"):
             apply_selection(model, selection, method=method, r=2, target_modules="auto")
+        return
+    if method == "eva":  # EVA initialises from the layers' inputs on data: a few batches of the model's own kind
+        init = [info.make_batch(), info.make_batch(seed=2)]
+        if info.arch in EVA_CANNOT_INITIALISE:
+            with pytest.raises(ConfigError, match="--method: PEFT's EVA could not initialise"):
+                apply_selection(model, selection, method=method, r=2, target_modules="auto", init_batches=init)
+            return
+        peft_model = apply_selection(model, selection, method=method, r=2, target_modules="auto", init_batches=init)
+        placed = adapters_by_block(adapted_module_names(peft_model), stack.path)
+        # exactly the selected blocks' linears, less those EVA gave rank 0 (it removes, never adds)
+        assert set(placed) <= set(expected) and all(placed[i] <= expected[i] for i in placed) and placed
         return
     peft_model = apply_selection(model, selection, method=method, r=2, target_modules="auto")
 

@@ -98,7 +98,7 @@ def test_an_integral_float_is_an_integer_but_a_fraction_is_not():
         ("bf16", "maybe", "expected true or false (or yes/no, on/off, 1/0), got 'maybe'"),
         ("bf16", 2, "expected true or false (or yes/no, on/off, 1/0), got 2"),
         ("data", 3, "expected a string, got 3"),
-        ("method", "adalora", "unknown choice 'adalora'; choose one of lora, pissa, dora, rslora, olora, full"),
+        ("method", "adalora", "unknown choice 'adalora'; choose one of lora, pissa, dora, rslora, olora, eva, full"),
         ("num_samples", None, "expected an integer, got None"),
     ],
 )

@@ -232,6 +232,7 @@ def capture_block_representations(
     extra_poolings: Sequence[str] = (),
     statistics: str = "auto",
     fold_at: int | None = None,
+    split_at: Sequence[nn.Module] | None = None,
 ) -> Captured:
     """Run ``model`` over ``batches`` and pool every selected block's input and output.
 
@@ -256,6 +257,10 @@ def capture_block_representations(
             computed from statistics (:func:`lwlora.scoring.uses_statistics`).
         fold_at: ``auto`` only: fold once more than this many samples are kept, instead of when
             the rows outgrow the statistics (for tests and benchmarks).
+        split_at: one module per block of ``stack`` whose input is the residual stream between
+            the block's attention and MLP halves (:func:`lwlora.units.mlp_entries`). Each block
+            then yields two pairs, unit ``2 i`` (block input, that module's input) and unit
+            ``2 i + 1`` (that module's input, block output); the result's ``blocks`` are unit ids.
 
     Returns:
         :class:`BlockRepresentations` with (n, d) float32 matrices per block, or
@@ -273,7 +278,13 @@ def capture_block_representations(
     if not indices or indices[0] < 0 or indices[-1] >= stack.num_layers:
         raise ValueError(f"block indices must lie in [0, {stack.num_layers}), got {list(blocks or [])}")
     last_needed = indices[-1]
-    collectors = {p: {i: _BlockCollector(streaming=statistics == "covariance") for i in indices} for p in poolings}
+    if split_at is not None and len(split_at) != stack.num_layers:
+        raise ValueError(f"split_at needs one module per block ({stack.num_layers}), got {len(split_at)}")
+    # a pair per block (its input, its output), or per unit (2 i: input -> mid, 2 i + 1: mid -> output)
+    first_pair = {i: 2 * i if split_at is not None else i for i in indices}
+    last_pair = {i: 2 * i + 1 if split_at is not None else i for i in indices}
+    pairs = sorted({*first_pair.values(), *last_pair.values()})
+    collectors = {p: {u: _BlockCollector(streaming=statistics == "covariance") for u in pairs} for p in poolings}
     all_collectors = [c for per_block in collectors.values() for c in per_block.values()]
     current_mask: list[Tensor | None] = [None]
 
@@ -281,14 +292,23 @@ def capture_block_representations(
         def hook(_module, args, kwargs):
             hidden = _block_input(args, kwargs)
             for name in poolings:
-                collectors[name][index].pending = pool(hidden, current_mask[0], name).to(device)
+                collectors[name][first_pair[index]].pending = pool(hidden, current_mask[0], name).to(device)
+        return hook
+
+    def mid_hook(index: int):
+        def hook(_module, args, kwargs):
+            hidden = _block_input(args, kwargs)
+            for name in poolings:
+                pooled = pool(hidden, current_mask[0], name).to(device)
+                collectors[name][2 * index].add(pooled)
+                collectors[name][2 * index + 1].pending = pooled
         return hook
 
     def post_hook(index: int):
         def hook(_module, _args, _kwargs, output):
             hidden = _block_output(output)
             for name in poolings:
-                collectors[name][index].add(pool(hidden, current_mask[0], name).to(device))
+                collectors[name][last_pair[index]].add(pool(hidden, current_mask[0], name).to(device))
             if index == last_needed:
                 raise _StopForward
         return hook
@@ -301,10 +321,12 @@ def capture_block_representations(
         block = stack.blocks[index]
         handles.append(block.register_forward_pre_hook(pre_hook(index), with_kwargs=True))
         handles.append(block.register_forward_hook(post_hook(index), with_kwargs=True))
+        if split_at is not None:
+            handles.append(split_at[index].register_forward_pre_hook(mid_hook(index), with_kwargs=True))
 
     was_training = model.training
     model.eval()
-    last = collectors[pooling][last_needed]
+    last = collectors[pooling][last_pair[last_needed]]
     try:
         with torch.inference_mode():
             for batch in tqdm(batches, total=total, desc="capturing block representations", unit="batch", disable=not progress):
@@ -329,10 +351,10 @@ def capture_block_representations(
         model.train(was_training)
 
     def assemble(name: str) -> Captured:
-        per_block = [collectors[name][i] for i in indices]
+        per_block = [collectors[name][u] for u in pairs]
         if last.streaming:
-            return BlockStatistics(blocks=indices, statistics=[c.statistics for c in per_block], pooling=name)
-        return BlockRepresentations(blocks=indices, inputs=[torch.cat(c.inputs) for c in per_block], outputs=[torch.cat(c.outputs) for c in per_block], pooling=name)
+            return BlockStatistics(blocks=pairs, statistics=[c.statistics for c in per_block], pooling=name)
+        return BlockRepresentations(blocks=pairs, inputs=[torch.cat(c.inputs) for c in per_block], outputs=[torch.cat(c.outputs) for c in per_block], pooling=name)
 
     result = assemble(pooling)
     result.alternates = {name: assemble(name) for name in poolings if name != pooling}

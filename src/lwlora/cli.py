@@ -71,6 +71,7 @@ def _add_select(subparsers) -> None:
     p.add_argument("--feature-norm", choices=["none", "standardize"], default="none", help="standardize: z-score each feature before CKA (outlier-robust; decoders' massive activations)")
     p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="resample the samples N times: per-block selection frequency, importance intervals, n/2-vs-n rank agreement (stability.png)")
     p.add_argument("--degenerate-fallback", choices=["exclude", "mean"], default="exclude", help="a block whose pooled representation is constant: exclude it (default; the paper's effect) or score it with mean pooling")
+    p.add_argument("--granularity", choices=["block", "sublayer"], default="block", help="block (default): score whole blocks; sublayer: score each block's attention and MLP halves apart and fill --ratio / --param-budget (default 0.5) of all-layer LoRA's parameters with the most important")
     p.add_argument("--statistics", choices=list(STATISTICS), default="auto", help="what is kept per block: rows (n x d), covariance (d x d CKA statistics, memory bounded in n; --scorer cka only, no --bootstrap), auto (default: rows until the statistics are smaller, when the scorer allows)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens")
@@ -126,6 +127,7 @@ def _run_select(args: argparse.Namespace) -> int:
         degenerate_fallback=args.degenerate_fallback,
         bootstrap=args.bootstrap,
         statistics=args.statistics,
+        granularity=args.granularity,
         param_budget=args.param_budget,
         auto=args.auto,
         prefer_shallow=args.prefer_shallow,
@@ -191,6 +193,7 @@ TRAIN_HELP = {
     "num_samples": "selection samples for --layers cka (default 128)",
     "preset": "selection preset for --layers cka: paper",
     "tower": "vision-language models: the tower whose blocks are selected and adapted (default language)",
+    "granularity": "--layers cka: block (default) or sublayer (score attention and MLP halves apart; adapt the units that fill --ratio of all-layer LoRA's parameters)",
     "statistics": "selection: what is kept per block, rows, covariance (memory bounded in n; cka only) or auto (default)",
 }
 

@@ -275,3 +275,20 @@ def unique_blocks(flag: str, blocks: Sequence[int]) -> tuple[int, ...]:
         repeated = sorted({b for b in blocks if list(blocks).count(b) > 1})
         logger.warning(f"{flag} names block(s) {repeated} more than once; using {','.join(map(str, unique))}")
     return unique
+
+
+Granularity = Literal["block", "sublayer"]
+
+
+def check_granularity(granularity: str, scorer: str, *, given: Sequence[tuple[str, bool]]) -> None:
+    """``--granularity sublayer`` scores attention and MLP halves with a similarity scorer and
+    fills a parameter budget (``--ratio`` or ``--param-budget``, a fraction of all-layer LoRA's
+    parameters); options that count or pin whole blocks have no meaning there and are refused
+    rather than ignored. ``given``: (flag, present) of those options."""
+    if granularity == "block":
+        return
+    if scorer not in SIMILARITY_SCORERS:
+        raise ConfigError("--granularity", f"sublayer units are scored by a similarity scorer ({', '.join(SIMILARITY_SCORERS)}), not {scorer!r}")
+    refused = [flag for flag, present in given if present]
+    if refused:
+        raise ConfigError(refused[0], "does not apply with --granularity sublayer (units fill a parameter budget: give --ratio or --param-budget)")

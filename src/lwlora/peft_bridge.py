@@ -18,6 +18,7 @@ Methods map onto PEFT's own LoRA implementations: ``lora``; ``pissa``
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from lwlora.selection import LayerSelection
 
 METHODS: tuple[str, ...] = ("lora", "pissa", "dora", "rslora", "olora", "eva")
+
+
+logger = logging.getLogger("lwlora")
 
 
 class AdapterPlacementError(AssertionError):
@@ -132,6 +136,26 @@ def target_regex(stack_path: str, indices: Iterable[int], suffixes: Sequence[str
     return rf"{prefix}{re.escape(stack_path)}\.(?:{blocks})\.{inner}(?:{modules})"
 
 
+def units_regex(selection: "LayerSelection", suffixes: Sequence[str], *, exact: bool, stack: BlockStack | None) -> str:
+    """``target_modules`` for a sub-layer selection: per part (attention, MLP), the blocks whose
+    unit of that part is adapted, with that part's modules only (exact block-relative names)."""
+    from lwlora.units import PARTS, part_of
+
+    names = sorted(set().union(*(block_linear_names(stack.blocks[i]) for i in selection.selected))) if stack else list(selection.block_linear_modules)
+    targeted = names if exact else [n for n in names if any(_matches(t, n) for t in suffixes)]
+    chosen = selection.selected_units or {}
+    stack_path = stack.path if stack else selection.layers_path
+    alternatives = []
+    for part in PARTS:
+        blocks = [i for i, parts in chosen.items() if part in parts]
+        modules = [n for n in targeted if part_of(n) == part]
+        if blocks and modules:
+            alternatives.append(target_regex(stack_path, blocks, modules, exact=True, anchored=stack is not None))
+    if not alternatives:
+        raise ConfigError("--target-modules", "no targeted linear layer lies in the selected units")
+    return "|".join(f"(?:{a})" for a in alternatives)
+
+
 def outside_blocks_regex(stack_path: str, indices: Iterable[int], *, anchored: bool) -> str:
     """A regex full-matching every module name that is *not* inside blocks ``indices`` of the stack."""
     blocks = "|".join(str(i) for i in sorted(set(indices)))
@@ -198,7 +222,10 @@ def build_peft_config(
     stack = locate_stack(model, selection) if model is not None else None
     suffixes, exact = resolve_target_suffixes(selection, target_modules, stack)
     stack_path = stack.path if stack else selection.layers_path
-    regex = target_regex(stack_path, selection.selected, suffixes, exact=exact, anchored=stack is not None)
+    if selection.units is not None:
+        regex = units_regex(selection, suffixes, exact=exact, stack=stack)
+    else:
+        regex = target_regex(stack_path, selection.selected, suffixes, exact=exact, anchored=stack is not None)
     if method == "olora" and stack is not None:
         _reject_olora_on_conv1d(stack, selection.selected, suffixes, exact)
     # PEFT >= 0.18 rewrites a regex target_modules of some MoE models (Mixtral, ...) into bare
@@ -287,6 +314,11 @@ def verify(peft_model: nn.Module, selection: "LayerSelection", target_modules: s
             else:
                 expected[i] = {name for name in linear if any(_matches(t, name) for t in target_modules)}
 
+    chosen_units = selection.selected_units
+    if chosen_units is not None:  # a sub-layer selection: only the chosen parts' modules of each block
+        from lwlora.units import part_of
+
+        expected = {i: {m for m in names if part_of(m) in chosen_units.get(i, [])} for i, names in expected.items()}
     missing: list[str] = []
     extra_in_block: list[str] = []
     for i in selection.selected:
@@ -327,9 +359,17 @@ def apply_selection(
         if not init_batches:
             raise ConfigError("--method", "eva initialises the adapters from data: pass init_batches (model inputs)")
         peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)  # EVA sets the weights: skip the default init
+        verify(peft_model, selection, target_modules)
+        placed = set(adapted_module_names(peft_model))
         initialize_eva(peft_model, init_batches)
-    else:
-        peft_model = get_peft_model(model, config)
+        # EVA may give a layer rank 0 and then removes its adapter; it never adds one
+        dropped = sorted(placed - set(adapted_module_names(peft_model)))
+        if set(adapted_module_names(peft_model)) - placed:
+            raise AdapterPlacementError("EVA initialisation added adapters outside the selection")
+        if dropped:
+            logger.warning(f"EVA gave {len(dropped)} layer(s) rank 0 and removed their adapters: {', '.join(dropped[:8])}{' ...' if len(dropped) > 8 else ''}")
+        return peft_model
+    peft_model = get_peft_model(model, config)
     verify(peft_model, selection, target_modules)
     return peft_model
 
@@ -345,5 +385,8 @@ def initialize_eva(peft_model: nn.Module, batches: Sequence[dict[str, Any]]) -> 
     peft_model.eval()
     try:
         initialize_lora_eva_weights(peft_model, dataloader=list(batches), show_progress_bar=False)
+    except (IndexError, ValueError, RuntimeError) as exc:  # PEFT's EVA assumes (batch, tokens, features) layer inputs
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ConfigError("--method", f"PEFT's EVA could not initialise this model ({type(exc).__name__}: {first}); use another --method") from None
     finally:
         peft_model.train(was_training)

@@ -12,6 +12,7 @@ import inspect
 import logging
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -82,6 +83,7 @@ class SelectConfig:
     degenerate_fallback: Literal["exclude", "mean"] = "exclude"
     bootstrap: int = 0  # replicates for the stability report (0: none)
     statistics: Literal["rows", "covariance", "auto"] = "auto"  # what the capture keeps; see resolve_statistics
+    granularity: Literal["block", "sublayer"] = "block"  # sublayer: score attention and MLP halves apart (lwlora.units)
     # count by parameter budget / automatically / preferring a shallow backward (issue: budgets)
     param_budget: float | None = None  # <= 1: fraction of all-layer LoRA parameters; > 1: a count
     auto: bool = False  # stop where the sorted importance curve bends (lwlora.budget.auto_count)
@@ -121,6 +123,7 @@ class SelectConfig:
             check_budget_options,
             check_choice,
             check_device,
+            check_granularity,
             check_measurement,
             check_one_count,
             check_target_modules,
@@ -143,6 +146,8 @@ class SelectConfig:
         self.policy_for("decoder")  # validates ratio / num_layers / include / exclude early
         check_one_count([("--ratio", self.ratio is not None), ("--num-layers", self.num_layers is not None), ("--layers", self.layers is not None), ("--param-budget", self.param_budget is not None), ("--auto", self.auto)])
         check_budget_options(self.param_budget, self.prefer_shallow)
+        check_granularity(self.granularity, self.scorer, given=[("--num-layers", self.num_layers is not None), ("--layers", self.layers is not None), ("--include", bool(self.include)), ("--exclude", bool(self.exclude)),
+                                                                  ("--auto", self.auto), ("--prefer-shallow", self.prefer_shallow is not None), ("--bootstrap", bool(self.bootstrap)), ("--preset", self.preset is not None)])
         check_target_modules(self.target_modules)
         check_device(self.device)
         check_choice("--dtype", self.dtype, DTYPES, what="dtype")
@@ -230,6 +235,7 @@ def capture_samples(
     extra_poolings: tuple[str, ...] = (),
     statistics: str = "auto",
     fold_at: int | None = None,
+    split_at: Sequence[nn.Module] | None = None,
 ) -> Captured:
     """Pooled block inputs/outputs on ``samples``, rows in the samples' order (batches run in
     length order to cut padding, then the rows are put back), or their streamed statistics
@@ -246,7 +252,7 @@ def capture_samples(
     else:
         batches, order = make_batches(tokenizer, samples, batch_size=batch_size, max_length=max_length, model=model)
     mask_key = None if stack.tower == "vision" else "attention_mask"
-    reps = capture_block_representations(model, stack, batches, pooling=pooling, progress=progress, total=len(batches), extra_poolings=extra_poolings, mask_key=mask_key, statistics=statistics, fold_at=fold_at)
+    reps = capture_block_representations(model, stack, batches, pooling=pooling, progress=progress, total=len(batches), extra_poolings=extra_poolings, mask_key=mask_key, statistics=statistics, fold_at=fold_at, split_at=split_at)
     if reps.num_samples != len(order):
         raise ConfigError(
             "--tower",
@@ -392,6 +398,63 @@ def near_identity_diagnostics(reps: Captured, records: list[LayerRecord], policy
     return diagnostics, warnings
 
 
+def _select_units(config: SelectConfig, model: nn.Module, tokenizer: Any, samples: Any, stack: BlockStack, *, model_kind: str, pooling: str, layer_scorer: LayerScorer,
+                  max_length: int, warnings: list[str], timings: dict[str, float], start: float, gguf_file: str | None) -> LayerSelection:
+    """``--granularity sublayer``: score every block's attention and MLP halves apart
+    (lwlora.units) and fill the parameter budget (``--param-budget``, else ``--ratio``, default
+    0.5 of all-layer LoRA's parameters) with the most important units, greedily."""
+    from lwlora.units import PARTS, mlp_entries, unit_cost, unit_params
+
+    tick = time.perf_counter()
+    device, dtype = compute_placement(model)
+    entries = mlp_entries(stack, model.config)
+    extra = ("mean",) if config.degenerate_fallback == "mean" and pooling != "mean" else ()
+    kept = resolve_statistics(config.statistics, config.scorer)
+    reps = capture_samples(model, tokenizer, samples, stack, pooling=pooling, batch_size=config.batch_size, max_length=max_length, progress=config.progress, extra_poolings=extra, statistics=kept, split_at=entries)
+    scores = score_representations(reps, layer_scorer, degenerate_fallback=config.degenerate_fallback)
+    timings["score_s"] = time.perf_counter() - tick
+    is_cka = layer_scorer.similarity_name == "cka"
+    suffixes, exact = adapter_targets(stack, config.target_modules)
+    names = suffixes if exact else [n for n in stack.block_linear_modules() if any(n == t or n.endswith("." + t) for t in suffixes)]
+    params = unit_params(stack, names, config.r)
+    budget = config.param_budget if config.param_budget is not None else (config.ratio if config.ratio is not None else 0.5)
+    try:
+        chosen = set(select_by_param_budget([s.importance for s in scores], params, budget, all_layer_params=sum(params)))
+    except ValueError as exc:
+        raise ConfigError("--param-budget" if config.param_budget is not None else "--ratio", str(exc)) from None
+    units = [
+        {"block": u // 2, "part": PARTS[u % 2], "cka": s.similarity if is_cka else None, "similarity": s.similarity, "importance": s.importance,
+         "degenerate": s.degenerate, "reason": s.reason, "fallback": s.fallback, "params": params[u], "selected": u in chosen}
+        for u, s in enumerate(scores)
+    ]
+    # block records: the block's own score (input to output) where the rows allow it
+    blocks: list[LayerRecord] = []
+    for i in range(stack.num_layers):
+        if isinstance(reps, BlockRepresentations):
+            whole = score_pair(layer_scorer, (reps.inputs[2 * i], reps.outputs[2 * i + 1]))
+            blocks.append(LayerRecord(index=i, cka=whole.similarity if is_cka else None, similarity=whole.similarity, importance=whole.importance, degenerate=whole.degenerate, reason=whole.reason))
+        else:
+            blocks.append(LayerRecord(index=i, cka=None, similarity=None, importance=None, degenerate=False, reason="scored by sub-layer units (statistics keep no whole-block pair)"))
+    selected = sorted({u // 2 for u in chosen})
+    for unit in reversed(units):
+        if unit["degenerate"]:
+            warnings.append(f"block {unit['block']} {unit['part']}: {unit['reason']}")
+    for message in warnings:
+        logger.warning(message)
+    cost = selection_cost(stack, selected, suffixes, config.r, exact=exact, hidden_size=getattr(model.config, "hidden_size", None), seq_len=max_length).to_json()
+    timings["total_s"] = time.perf_counter() - start
+    return LayerSelection(
+        model=config.model, gguf_file=gguf_file, model_kind=model_kind, layers_path=stack.path, tower=stack.tower, num_layers=stack.num_layers,
+        block_linear_modules=stack.block_linear_modules(), scorer=config.scorer, similarity_name=layer_scorer.similarity_name, pooling=pooling,
+        num_samples=len(samples), data=config.data if config.data else samples.source, data_fingerprint=samples.fingerprint,
+        policy={"granularity": "sublayer", "param_budget": budget, "selected_params": sum(params[u] for u in chosen), "all_layer_params": sum(params)},
+        layers=blocks, selected=selected, units=units, warnings=warnings,
+        diagnostics={"statistics": {"requested": config.statistics, "kept": reps.kept, "state_bytes": reps.nbytes}},
+        cost=unit_cost(cost, params, sorted(chosen)), feature_norm=config.feature_norm, device=device, dtype=dtype,
+        versions=library_versions(), timings={k: round(v, 4) for k, v in timings.items()}, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
 def _image_text_samples(config: SelectConfig) -> Any:
     """Image-text selection samples: the ScienceQA preset's training inputs (``--task scienceqa``)
     or ``--data`` records with their image in ``--image-column``."""
@@ -472,6 +535,8 @@ def select_layers(
     if len(samples) < layer_scorer.min_samples:
         raise ConfigError("--num-samples", f"the {config.scorer} scorer needs at least {layer_scorer.min_samples} samples, the data gave {len(samples)}")
     few = few_samples_warning(config.num_samples, len(samples), config.data or samples.source)
+    if config.granularity == "sublayer":
+        return _select_units(config, model, tokenizer, samples, stack, model_kind=model_kind, pooling=pooling, layer_scorer=layer_scorer, max_length=max_length, warnings=[few] if few else [], timings=timings, start=start, gguf_file=gguf_file)
     tick = time.perf_counter()
     device, dtype = compute_placement(model)
     extra = ("mean",) if config.degenerate_fallback == "mean" and pooling != "mean" else ()

@@ -34,6 +34,10 @@ from typing import Any
 from lwlora.io import atomic_write_json
 
 SCHEMA_VERSION = 1
+#: written when the selection is made of sub-layer units (``units``): a reader that knows only
+#: version 1 would put adapters on every module of a selected block, so it must refuse the file
+UNITS_SCHEMA_VERSION = 2
+READABLE_VERSIONS = (SCHEMA_VERSION, UNITS_SCHEMA_VERSION)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,10 @@ class LayerSelection:
     #: which dtype ("bfloat16 (autocast over float32 weights)"); None for rule-made selections
     device: str | None = None
     dtype: str | None = None
+    #: ``--granularity sublayer``: one record per unit (block i's attention and MLP halves) with
+    #: its score, its LoRA parameters and whether it is adapted; ``selected`` then lists the blocks
+    #: with an adapted unit. None for block selections.
+    units: list[dict[str, Any]] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     created: str | None = None
@@ -85,6 +93,10 @@ class LayerSelection:
     def __post_init__(self) -> None:
         if len(self.layers) != self.num_layers:
             raise ValueError(f"selection has {len(self.layers)} layer records for {self.num_layers} blocks")
+        if self.units is not None:
+            blocks = sorted({int(u["block"]) for u in self.units if u.get("selected")})
+            if blocks != sorted(set(self.selected)):
+                raise ValueError(f"selection is inconsistent: blocks with an adapted unit {blocks} differ from selected {sorted(set(self.selected))}")
         self.selected = sorted(set(self.selected))
         bad = [i for i in self.selected if not 0 <= i < self.num_layers]
         if bad:
@@ -96,6 +108,17 @@ class LayerSelection:
         return "".join("1" if i in chosen else "0" for i in range(self.num_layers))
 
     @property
+    def selected_units(self) -> dict[int, list[str]] | None:
+        """Block -> its adapted parts (``attention``, ``mlp``), or None for a block selection."""
+        if self.units is None:
+            return None
+        chosen: dict[int, list[str]] = {}
+        for unit in self.units:
+            if unit.get("selected"):
+                chosen.setdefault(int(unit["block"]), []).append(unit["part"])
+        return chosen
+
+    @property
     def importances(self) -> list[float | None]:
         return [record.importance for record in self.layers]
 
@@ -105,8 +128,9 @@ class LayerSelection:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        units = {"units": data["units"]} if self.units is not None else {}
         return {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": UNITS_SCHEMA_VERSION if self.units is not None else SCHEMA_VERSION,
             "model": data["model"],
             "gguf_file": data["gguf_file"],
             "model_kind": data["model_kind"],
@@ -125,6 +149,7 @@ class LayerSelection:
             "layers": data["layers"],
             "selected": data["selected"],
             "one_hot": self.one_hot,
+            **units,
             "warnings": data["warnings"],
             "diagnostics": data["diagnostics"],
             "cost": data["cost"],
@@ -138,8 +163,8 @@ class LayerSelection:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "LayerSelection":
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ValueError(f"unsupported selection schema_version {version!r}; this lwlora reads version {SCHEMA_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"unsupported selection schema_version {version!r}; this lwlora reads versions {', '.join(map(str, READABLE_VERSIONS))}")
         fields = dict(data)
         fields.pop("schema_version")
         one_hot = fields.pop("one_hot", None)

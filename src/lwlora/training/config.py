@@ -17,12 +17,14 @@ from lwlora.options_checks import (
     DType,
     FeatureNorm,
     Pooling,
+    Granularity,
     Preset,
     Statistics,
     check_at_least,
     check_budget_options,
     check_choice,
     check_device,
+    check_granularity,
     check_measurement,
     check_one_count,
     check_target_modules,
@@ -100,6 +102,7 @@ class TrainConfig:
     feature_norm: FeatureNorm = "none"
     degenerate_fallback: DegenerateFallback = "exclude"
     statistics: Statistics = "auto"  # what the selection's capture keeps (lwlora select --statistics)
+    granularity: Granularity = "block"  # sublayer: score attention and MLP halves apart and fill --ratio of all-layer LoRA's parameters
     num_samples: int = 128
     param_budget: float | None = None
     auto: bool = False
@@ -205,6 +208,11 @@ class TrainConfig:
         scorer = self.measuring_scorer
         if scorer is not None:
             check_measurement(scorer, feature_norm=self.feature_norm, num_samples=self.num_samples, statistics=self.statistics)
+        if self.granularity == "sublayer":
+            if scorer is None or self.layers != "cka":
+                raise ConfigError("--granularity", "sublayer units are measured by --layers cka (with a similarity --scorer)")
+            check_granularity(self.granularity, scorer, given=[("--num-layers", self.num_layers is not None), ("--auto", self.auto), ("--prefer-shallow", self.prefer_shallow is not None),
+                                                               ("--rank-allocation", self.rank_allocation != "uniform"), ("--preset", self.preset is not None), ("--budget-from-ratio", self.budget_from_ratio is not None)])
         check_device(self.device)
 
     def _check_run(self) -> None:

@@ -66,6 +66,7 @@ def _similarity_selection(config: Any, model: nn.Module, tokenizer: Any, model_k
         feature_norm=config.feature_norm,
         degenerate_fallback=config.degenerate_fallback,
         statistics=config.statistics,
+        granularity=config.granularity,
         param_budget=config.param_budget,
         auto=config.auto,
         prefer_shallow=config.prefer_shallow,

@@ -585,6 +585,12 @@ def run_cost(config: TrainConfig, selection: Any, model: nn.Module, params: dict
     suffixes, exact = adapter_targets(stack, config.target_modules)
     r = plan_r(model) or config.r
     cost = selection_cost(stack, selection.selected, suffixes, r, exact=exact, head_params=params["head"], hidden_size=getattr(base.config, "hidden_size", None), seq_len=config.max_length, batch_size=config.batch_size, rank_pattern=ranks)
+    if selection.units is not None:  # recounted over the adapted units, not whole blocks
+        from lwlora.units import unit_cost, unit_params
+
+        names = suffixes if exact else [n for n in stack.block_linear_modules() if any(n == t or n.endswith("." + t) for t in suffixes)]
+        chosen = [2 * u["block"] + (0 if u["part"] == "attention" else 1) for u in selection.units if u["selected"]]
+        return unit_cost(cost.to_json(), unit_params(stack, names, r), chosen, head_params=params["head"])
     return cost.to_json()
 
 
