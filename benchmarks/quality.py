@@ -16,6 +16,10 @@ Methods (all at ratio 0.5 where a ratio applies):
   (``--rank-allocation importance``);
 - ``full``: full fine-tuning (the only method with its own learning rate, ``full_lr``: a LoRA
   learning rate diverges full fine-tuning);
+- ``units-50``: attention and MLP halves scored apart, the most important filling 50% of
+  all-layer LoRA's parameters (``--granularity sublayer``);
+- ``eva-budget``: PEFT's EVA initialisation at the equal-budget rank, ranks redistributed by
+  explained variance (the rank-redistribution baseline next to ``importance-ranks``);
 - ``untuned``: the pretrained model evaluated without training (instruction cases: the floor every
   method must clear).
 
@@ -147,6 +151,9 @@ METHODS: dict[str, tuple[str, ...]] = {
     "equal-budget": ("--layers", "all", "--budget-from-ratio", "0.5"),
     "importance-ranks": ("--layers", "all", "--budget-from-ratio", "0.5", "--rank-allocation", "importance"),
     "full": ("--method", "full"),
+    # candidates of the selection-science issue (docs/benchmarks.md, section 3b)
+    "units-50": ("--layers", "cka", "--granularity", "sublayer", "--ratio", "0.5"),
+    "eva-budget": ("--layers", "all", "--budget-from-ratio", "0.5", "--method", "eva"),
     "untuned": (),  # no training: `lwlora eval MODEL` on the test split (instruction cases)
 }
 

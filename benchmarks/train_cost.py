@@ -4,8 +4,20 @@ For one base model (random initialisation: cost does not depend on the weights),
 gets adapters through lwlora's PEFT bridge (LoRA on every linear layer of the selected blocks),
 then a few AdamW steps on random token ids are timed (median after warm-up) and the peak device
 memory is read. Selections: all blocks (all-layer LoRA), ``cka50`` (a realistic CKA-50% pick for a
-decoder: the first L/2 − 1 blocks plus the last, as the paper reports), ``last50``, ``first50``, and
-full fine-tuning. Ratios are to all-layer LoRA.
+decoder: the first L/2 − 1 blocks plus the last, as the paper reports), ``last50``, ``first50``,
+full fine-tuning, and the candidates of the selection-science issue:
+
+- ``equal-budget``: every block at rank ⌊r/2⌋ (the parameters of half the blocks at r);
+- ``units50``: sub-layer units (``--granularity sublayer``) filling half of all-layer LoRA's
+  parameters: on a random model no unit is more important than another, so the stand-in takes
+  every block's attention half, then MLP halves from the top block down while they fit;
+- ``dynamic50``: adapters on every block, half of them trainable at a time (lwlora's
+  ``DynamicBlocks``): each timed step draws its own half uniformly (a random model's importances
+  are flat), so the median covers the spread of lowest active blocks; optimizer state is kept
+  for every adapter, as the callback keeps it.
+
+``prune`` (warm-up then prune) costs all-layer LoRA for the warm-up and the kept blocks'
+selection afterwards (on a real model, about ``cka50``'s cost). Ratios are to all-layer LoRA.
 
     python benchmarks/train_cost.py --case llama7b --device cuda --out benchmarks/results/train-cost-gpu
     python benchmarks/train_cost.py --case roberta-base --device cuda --out benchmarks/results/train-cost-roberta-gpu
@@ -89,10 +101,32 @@ def selections(num_layers: int) -> dict[str, list[int] | None]:
         "last50": list(range(num_layers - half, num_layers)),
         "first50": list(range(half)),
         "full": None,
+        "equal-budget": list(range(num_layers)),
+        "units50": list(range(num_layers)),
+        "dynamic50": list(range(num_layers)),
     }
 
 
-def make_selection(stack, selected: list[int]) -> LayerSelection:
+def units_stand_in(stack, r: int) -> dict:
+    """The ``units50`` stand-in's unit records: every attention half, then MLP halves from the top
+    block down while Σ parameters ≤ half of all-layer LoRA's (see the module docstring)."""
+    from lwlora.units import PARTS, unit_params
+
+    names = stack.block_linear_modules()
+    params = unit_params(stack, names, r)
+    budget = 0.5 * sum(params)
+    chosen = {2 * i for i in range(stack.num_layers)}
+    spent = sum(params[u] for u in chosen)
+    for i in reversed(range(stack.num_layers)):
+        if spent + params[2 * i + 1] <= budget:
+            chosen.add(2 * i + 1)
+            spent += params[2 * i + 1]
+    return [{"block": u // 2, "part": PARTS[u % 2], "params": params[u], "selected": u in chosen} for u in range(2 * stack.num_layers)]
+
+
+def make_selection(stack, selected: list[int], units: list[dict] | None = None) -> LayerSelection:
+    if units is not None:
+        selected = sorted({u["block"] for u in units if u["selected"]})
     return LayerSelection(
         model="benchmark",
         layers_path=stack.path,
@@ -100,10 +134,26 @@ def make_selection(stack, selected: list[int]) -> LayerSelection:
         layers=[LayerRecord(index=i, cka=None, similarity=None, importance=None, degenerate=False) for i in range(stack.num_layers)],
         selected=selected,
         block_linear_modules=stack.block_linear_modules(),
+        units=units,
     )
 
 
-def time_steps(model, case: Case, device: str, vocab: int) -> dict:
+def block_adapters(model, stack_path: str, num_layers: int) -> list[list]:
+    """Each block's adapter parameters (for ``dynamic50``'s switching)."""
+    import re
+
+    pattern = re.compile(rf"(?:^|\.){re.escape(stack_path)}\.(\d+)\.")
+    blocks: list[list] = [[] for _ in range(num_layers)]
+    for name, param in model.named_parameters():
+        match = pattern.search(name)
+        if match and "lora_" in name:
+            blocks[int(match.group(1))].append(param)
+    return blocks
+
+
+def time_steps(model, case: Case, device: str, vocab: int, switch=None) -> dict:
+    """Median step time and peak memory; ``switch(step)`` (``dynamic50``) changes which adapters
+    train before each step (outside the timed region)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     g = torch.Generator().manual_seed(0)
@@ -115,6 +165,8 @@ def time_steps(model, case: Case, device: str, vocab: int) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     for step in range(case.warmup + case.steps):
+        if switch is not None:
+            switch(step)
         started = time.perf_counter()
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
@@ -154,11 +206,25 @@ def bench(case: Case, device: str) -> list[dict]:
         else:
             for p in model.parameters():
                 p.requires_grad_(False)
-            peft_model = apply_selection(model, make_selection(stack, selected), r=case.r, alpha=case.r, target_modules="auto", task_type="SEQ_CLS" if case.encoder else None)
-            measured = time_steps(peft_model, case, device, vocab)
+            r = max(1, case.r // 2) if name == "equal-budget" else case.r
+            units = units_stand_in(stack, case.r) if name == "units50" else None
+            peft_model = apply_selection(model, make_selection(stack, selected, units), r=r, alpha=r, target_modules="auto", task_type="SEQ_CLS" if case.encoder else None)
+            switch = None
+            if name == "dynamic50":
+                adapters = block_adapters(peft_model, stack.path, stack.num_layers)
+                draws = torch.Generator().manual_seed(0)
+
+                def switch(step, adapters=adapters, draws=draws):
+                    active = set(torch.randperm(len(adapters), generator=draws)[: len(adapters) // 2].tolist())
+                    for i, params in enumerate(adapters):
+                        for p in params:
+                            p.requires_grad_(i in active)
+                            if i not in active:
+                                p.grad = None
+            measured = time_steps(peft_model, case, device, vocab, switch=switch)
             model = peft_model.unload()
             stack = resolve_block_stack(model)
-            lowest = min(selected)
+            lowest = min(selected) if name != "dynamic50" else "drawn"
         rows.append({"selection": name, "blocks": selected, "lowest_adapted_block": lowest, **measured})
         print(json.dumps(rows[-1]), flush=True)
     base = next(r for r in rows if r["selection"] == "all")

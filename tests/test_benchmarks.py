@@ -72,8 +72,11 @@ def test_train_cost_benchmark_smoke(tmp_path):
     assert bench.main(["--case", "tiny", "--out", str(tmp_path / "cost")]) == 0
     rows = json.loads((tmp_path / "cost.json").read_text())["results"]
     by_name = {row["selection"]: row for row in rows}
-    assert set(by_name) == {"all", "cka50", "last50", "first50", "full"}
+    assert set(by_name) == {"all", "cka50", "last50", "first50", "full", "equal-budget", "units50", "dynamic50"}
     assert by_name["cka50"]["trainable_params"] * 2 == by_name["all"]["trainable_params"]
+    assert by_name["equal-budget"]["trainable_params"] * 2 == by_name["all"]["trainable_params"]  # r 4 -> 2 on every block
+    assert 0 < by_name["units50"]["trainable_params"] <= by_name["all"]["trainable_params"] / 2
+    assert by_name["dynamic50"]["trainable_params"] == by_name["all"]["trainable_params"]  # every block has an adapter (and state)
     assert by_name["last50"]["lowest_adapted_block"] == 4 and by_name["full"]["trainable_params"] > by_name["all"]["trainable_params"]
 
 
