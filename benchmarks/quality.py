@@ -213,11 +213,12 @@ def build_argv(case: str, method: str, seed: int, *, model: str, data_root: Path
     return argv
 
 
-def tuning_split(train_file: Path, group_column: str, out: Path, *, fraction: float, seed: int) -> dict[str, Any]:
+def tuning_split(train_file: Path, group_column: str, out: Path, *, fraction: float, seed: int, max_validation: int | None = 200) -> dict[str, Any]:
     """Write ``out/train.jsonl`` and ``out/validation.jsonl`` from ``train_file``: ``fraction`` of
     its groups (values of ``group_column``, drawn with ``seed``) held out whole as validation, the
     rest to train on. A learning rate chosen there is chosen for unseen groups, as the test split
-    asks. Returns what was written (groups held out, record counts)."""
+    asks. At most ``max_validation`` held-out records are scored (drawn with ``seed``: generation
+    is the slow part of a decoder's run). Returns what was written (groups held out, counts)."""
     import random
 
     from lwlora.data import read_jsonl
@@ -230,6 +231,9 @@ def tuning_split(train_file: Path, group_column: str, out: Path, *, fraction: fl
     held = set(random.Random(seed).sample(groups, max(1, round(fraction * len(groups)))))
     train = [r for r in records if r[group_column] not in held]
     validation = [r for r in records if r[group_column] in held]
+    if max_validation is not None and len(validation) > max_validation:
+        keep = sorted(random.Random(seed).sample(range(len(validation)), max_validation))
+        validation = [validation[i] for i in keep]
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("validation", validation)):
         atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

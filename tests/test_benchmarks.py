@@ -406,6 +406,8 @@ def test_tuning_split_holds_out_whole_groups(tmp_path):
     assert len(info["held_out_groups"]) == 2 and {r["template"] for r in validation} == set(info["held_out_groups"])
     assert not {r["template"] for r in train} & {r["template"] for r in validation}
     assert len(train) + len(validation) == len(rows) == info["train"] + info["validation"]
+    capped = bench.tuning_split(tmp_path / "train.jsonl", "template", tmp_path / "capped", fraction=0.2, seed=0, max_validation=3)
+    assert capped["validation"] == 3 and capped["train"] == info["train"]
     assert (tmp_path / "tune" / "meta.json").is_file()
     again = bench.tuning_split(tmp_path / "train.jsonl", "template", tmp_path / "tune2", fraction=0.2, seed=0)
     assert again["held_out_groups"] == info["held_out_groups"]
