@@ -18,6 +18,8 @@ Methods (all at ratio 0.5 where a ratio applies):
   learning rate diverges full fine-tuning);
 - ``units-50``: attention and MLP halves scored apart, the most important filling 50% of
   all-layer LoRA's parameters (``--granularity sublayer``);
+- ``prune-50``: LoRA on every block for 5% of the steps, then the half of the blocks whose
+  adapters changed their layers' outputs most keep training (``--prune-at 0.05``);
 - ``eva-budget``: PEFT's EVA initialisation at the equal-budget rank, ranks redistributed by
   explained variance (the rank-redistribution baseline next to ``importance-ranks``);
 - ``untuned``: the pretrained model evaluated without training (instruction cases: the floor every
@@ -154,6 +156,7 @@ METHODS: dict[str, tuple[str, ...]] = {
     # candidates of the selection-science issue (docs/benchmarks.md, section 3b)
     "units-50": ("--layers", "cka", "--granularity", "sublayer", "--ratio", "0.5"),
     "eva-budget": ("--layers", "all", "--budget-from-ratio", "0.5", "--method", "eva"),
+    "prune-50": ("--layers", "all", "--prune-at", "0.05", "--ratio", "0.5"),
     "untuned": (),  # no training: `lwlora eval MODEL` on the test split (instruction cases)
 }
 

@@ -193,6 +193,8 @@ TRAIN_HELP = {
     "num_samples": "selection samples for --layers cka (default 128)",
     "preset": "selection preset for --layers cka: paper",
     "tower": "vision-language models: the tower whose blocks are selected and adapted (default language)",
+    "prune_at": "with --layers all: train LoRA on every block, then at this share of the steps (< 1) or step (>= 1) keep the --ratio (0.5) / --num-layers blocks whose adapters change their layers' outputs most (docs/prune.md)",
+    "prune_score": "--prune-at: effect (size of each block's adapter updates on --num-samples training examples; default) or weight (||s B A||_F^2, data-free)",
     "granularity": "--layers cka: block (default) or sublayer (score attention and MLP halves apart; adapt the units that fill --ratio of all-layer LoRA's parameters)",
     "statistics": "selection: what is kept per block, rows, covariance (memory bounded in n; cka only) or auto (default)",
 }

@@ -68,6 +68,9 @@ class TrainConfig:
     # equal-budget baseline and importance-weighted ranks (lwlora.budget)
     budget_from_ratio: float | None = None  # with --layers all: rank scaled to the budget of floor(ratio x L) blocks
     rank_allocation: Literal["uniform", "importance"] = "uniform"
+    # measured during training (lwlora.training.prune): LoRA on every block, then keep the best
+    prune_at: float | None = None  # with --layers all: prune at this share of the steps (< 1) or step (>= 1) to --ratio (0.5) / --num-layers blocks
+    prune_score: Literal["effect", "weight"] = "effect"  # effect: size of each block's adapter updates on selection samples; weight: ||s B A||_F^2
     # optimisation
     epochs: float = 3.0
     max_steps: int | None = None
@@ -216,6 +219,14 @@ class TrainConfig:
         check_device(self.device)
 
     def _check_run(self) -> None:
+        if self.prune_at is not None:
+            if not self.prune_at > 0:
+                raise ConfigError("--prune-at", f"must be positive (a share of the steps below 1, or a step), got {self.prune_at}")
+            if self.layers != "all" or self.selection is not None:
+                raise ConfigError("--prune-at", "starts from LoRA on every block: use it with --layers all (the blocks kept are measured during training)")
+            for flag, present in (("--budget-from-ratio", self.budget_from_ratio is not None), ("--rank-allocation", self.rank_allocation != "uniform"), ("--method", self.method not in ("lora", "rslora", "eva"))):
+                if present:
+                    raise ConfigError(flag, "does not combine with --prune-at (pruning keeps whole blocks of plain LoRA adapters)")
         if self.eval_splits is not None and not [part for part in self.eval_splits.split(",") if part.strip()]:
             raise ConfigError("--eval-splits", f"must name at least one split, e.g. validation,test; got {self.eval_splits!r}")
         if self.resume and self.overwrite:

@@ -90,7 +90,7 @@ def _stack_path(base: nn.Module, stack_path: str, num_layers: int | None = None)
         except AttributeError:
             continue
         if not isinstance(stack, nn.ModuleList):
-            raise ValueError(f"{candidate!r} is a {type(stack).__name__}, not the ModuleList of blocks")
+            raise TypeError(f"{candidate!r} is a {type(stack).__name__}, not the ModuleList of blocks")
         if num_layers is not None and len(stack) != num_layers:
             raise ValueError(f"{candidate!r} has {len(stack)} blocks, not num_layers={num_layers}")
         return candidate
@@ -125,7 +125,7 @@ def _check_scoreable(name: str, layer: nn.Module, adapter: str) -> None:
             "adapter_effect_scores scores plain LoRA (lora, rslora) only"
         )
     if not isinstance(layer.lora_A[adapter], nn.Linear) or not isinstance(layer.lora_B[adapter], nn.Linear):
-        raise ValueError(f"{name} is a {type(layer).__name__} with {type(layer.lora_A[adapter]).__name__} lora_A; only linear LoRA layers can be scored")
+        raise TypeError(f"{name} is a {type(layer).__name__} with {type(layer.lora_A[adapter]).__name__} lora_A; only linear LoRA layers can be scored")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,8 +254,9 @@ def adapter_effect_scores(
         adapter_name: the PEFT adapter to score.
 
     Raises:
-        ValueError: a LoRA variant (DoRA, ...) or a non-linear LoRA layer (embedding, conv),
-            whose update is not ``s · B A x``; no batches for ``"effect"``.
+        ValueError: a LoRA variant (DoRA, ...), whose update is not ``s · B A x``; no real
+            tokens in ``batches`` for ``"effect"``; a LoRA bias for ``"weight"``.
+        TypeError: a LoRA layer that is not linear (embedding, conv).
     """
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
@@ -268,11 +269,13 @@ def adapter_effect_scores(
     return _effect_scores(model, layers, num_layers, batches, adapter_name)
 
 
-def top_blocks(scores: Sequence[float], keep: int) -> list[int]:
-    """The ``keep`` highest-scoring block indices, ascending; ties go to the lower index."""
+def top_blocks(scores: Sequence[float], keep: int, among: Iterable[int] | None = None) -> list[int]:
+    """The ``keep`` highest-scoring block indices (of ``among``, default all), ascending; ties go
+    to the lower index."""
     if any(not math.isfinite(s) for s in scores):
         raise ValueError(f"block scores must be finite, got {list(scores)} (did the warm-up diverge?)")
-    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    candidates = range(len(scores)) if among is None else among
+    ranked = sorted(candidates, key=lambda i: (-scores[i], i))
     return sorted(ranked[:keep])
 
 
@@ -367,17 +370,19 @@ def _merged_exclude(names: Sequence[str], old: str | Iterable[str] | None, outsi
 
 
 def _update_config(peft_model: nn.Module, config: Any, stack_path: str, adapted: dict[int, set[str]]) -> None:
-    """Point ``config`` at exactly the ``adapted`` modules and check PEFT agrees."""
+    """Point ``config`` at exactly the ``adapted`` modules and check that PEFT, matching a fresh
+    base model against it, would adapt exactly the LoRA layers the pruned model has."""
+    from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    names = _plain_module_names(peft_model.get_base_model())
+    base = peft_model.get_base_model()
+    names = _plain_module_names(base)
     config.target_modules = kept_target_regex(stack_path, adapted)
     # the exclusion survives PEFT's MoE rewrite of target_modules (see build_peft_config)
     config.exclude_modules = _merged_exclude(names, config.exclude_modules, outside_blocks_regex(stack_path, adapted, anchored=True))
     config.layers_to_transform = None  # PEFT refuses them beside a regex target_modules
     config.layers_pattern = None
-    prefix = stack_path + "."
-    expected = {f"{prefix}{i}.{name}" for i, names_ in adapted.items() for name in names_}
+    expected = {name for name, module in base.named_modules() if isinstance(module, LoraLayer)}
     actual = {n for n in names if check_target_module_exists(config, n)}  # an _ExcludedModule is falsy
     if actual != expected:
         raise AdapterPlacementError(
@@ -385,8 +390,18 @@ def _update_config(peft_model: nn.Module, config: Any, stack_path: str, adapted:
         )
 
 
+def _refuse_adapters_outside(base: nn.Module, prefix: str) -> None:
+    """The pruned config names only blocks of the stack, so an adapter elsewhere (an ``lm_head``
+    LoRA) would be saved but not rebuilt on reload."""
+    from peft.tuners.lora import LoraLayer
+
+    outside = [name for name, module in base.named_modules() if isinstance(module, LoraLayer) and not name.startswith(prefix)]
+    if outside:
+        raise ValueError(f"LoRA adapters outside the block stack {prefix[:-1]!r} ({', '.join(outside[:5])}) are not supported by block pruning")
+
+
 def prune_blocks(
-    model: "PeftModel",
+    model: PeftModel,
     stack_path: str,
     keep: Sequence[int],
     optimizer: torch.optim.Optimizer | None = None,
@@ -401,9 +416,10 @@ def prune_blocks(
     modules: ``target_modules`` is an anchored, exact regex over the kept blocks, and
     ``exclude_modules`` also excludes everything outside them, so ``model.save_pretrained(d)`` +
     ``PeftModel.from_pretrained(base, d)`` rebuilds exactly the kept adapters (checked here with
-    PEFT's own matcher). ``modules_to_save`` (a classification head) and adapters outside the
-    stack are untouched. The removed blocks' warm-up updates are discarded, so the model's output
-    changes by exactly their Δ (what :func:`adapter_effect_scores` measures).
+    PEFT's own matcher). ``modules_to_save`` (a classification head) is left as it is; LoRA
+    layers outside the stack are refused (lwlora puts none there). The removed blocks' warm-up
+    updates are discarded, not merged: each removed layer's output loses its Δ(x), the quantity
+    :func:`adapter_effect_scores` measures.
 
     Args:
         model: the ``PeftModel`` (DDP-wrapped is fine: ``.module`` is pruned).
@@ -420,11 +436,12 @@ def prune_blocks(
     base = peft_model.get_base_model()
     path = _stack_path(base, stack_path)
     num_layers = len(get_module(base, path))
-    keep = sorted(set(int(i) for i in keep))
+    keep = sorted({int(i) for i in keep})
     if any(not 0 <= i < num_layers for i in keep):
         raise ValueError(f"keep={keep} names blocks outside 0..{num_layers - 1}")
     layers = lora_layers_by_block(peft_model, path)
     prefix = path + "."
+    _refuse_adapters_outside(base, prefix)
     adapted = {i: {_block_relative(n, prefix)[1] for n in named} for i, named in layers.items() if i in keep}
     if not adapted:
         raise ValueError(f"keep={keep} holds no adapted block (adapted: {sorted(layers)}); nothing would be trained")
@@ -551,6 +568,8 @@ class WarmupPrune(TrainerCallback, ExportableState):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
         if model is None:
             return
+        if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+            raise RuntimeError("WarmupPrune supports single-process and DDP training; FSDP and DeepSpeed flatten or shard the adapters it removes")
         world_size = getattr(args, "world_size", 1)
         if world_size > 1 and not _find_unused_parameters(args, _unwrap(model)):
             raise RuntimeError(
@@ -564,6 +583,8 @@ class WarmupPrune(TrainerCallback, ExportableState):
             self._check_resumed(state, sorted(layers))
             return
         _check_prunable(_unwrap(model), ADAPTER)
+        if len(layers) < self.keep:
+            raise ValueError(f"only blocks {sorted(layers)} have adapters, fewer than keep={self.keep}: WarmupPrune starts from LoRA on (nearly) every block")
         for named in layers.values():
             for name, layer in named.items():
                 _check_scoreable(name, layer, ADAPTER)
@@ -576,7 +597,7 @@ class WarmupPrune(TrainerCallback, ExportableState):
 
     def _check_resumed(self, state: Any, adapted: list[int]) -> None:
         """A run resumed at or after the prune step: the model must already be pruned as saved."""
-        saved = _saved_state((getattr(state, "stateful_callbacks", None) or {}))
+        saved = _saved_state(getattr(state, "stateful_callbacks", None) or {})
         attributes = (saved or {}).get("attributes", {})
         if self.kept is None and attributes.get("kept") is not None:
             self.kept = list(attributes["kept"])
@@ -598,13 +619,18 @@ class WarmupPrune(TrainerCallback, ExportableState):
         if self.kept is None and state.global_step == self.at_step and model is not None:
             self.prune(model, optimizer, device=getattr(args, "device", None))
 
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.kept is None:
+            logger.warning("WarmupPrune: training ended at step %d, before the prune step %d; every block kept its adapters", state.global_step, self.at_step)
+
     def prune(self, model: nn.Module, optimizer: Any = None, *, device: torch.device | None = None) -> list[str]:
         """Score, choose and prune now (what ``on_step_end`` does at ``at_step``)."""
         model = _unwrap(model)
         device = device or next(model.parameters()).device
         self.local_scores = adapter_effect_scores(model, self.stack_path, self.num_layers, self.batches, score=self.score)
         self.scores = _rank_zero_scores(self.local_scores, device)
-        self.kept = top_blocks(self.scores, self.keep)
+        adapted = lora_layers_by_block(model, self.stack_path, self.num_layers)
+        self.kept = top_blocks(self.scores, self.keep, among=adapted)  # a block without adapters has nothing to keep
         before = _adapter_parameter_count(model)
         self.removed = prune_blocks(model, self.stack_path, self.kept, optimizer)
         self.removed_params = before - _adapter_parameter_count(model)
@@ -639,7 +665,7 @@ def _read_trainer_state(trainer_state: Mapping[str, Any] | str | Path) -> Mappin
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def prune_to_saved(model: "PeftModel", trainer_state: Mapping[str, Any] | str | Path, *, adapter_name: str = ADAPTER) -> list[str]:
+def prune_to_saved(model: PeftModel, trainer_state: Mapping[str, Any] | str | Path, *, adapter_name: str = ADAPTER) -> list[str]:
     """Prune ``model`` (all blocks adapted) as the checkpoint's run was pruned, if it was.
 
     Call before ``trainer.train(resume_from_checkpoint=checkpoint)`` (and before the Trainer makes

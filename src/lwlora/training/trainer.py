@@ -343,6 +343,41 @@ def _measures_blocks(config: TrainConfig) -> bool:
     return config.measuring_scorer is not None
 
 
+def warmup_pruner(config: TrainConfig, task: Any, stack: Any, planned: int, device: torch.device) -> Any:
+    """``--prune-at``: the WarmupPrune callback (lwlora.training.prune) that keeps floor(ratio x L)
+    (``--ratio``, default 0.5) or ``--num-layers`` blocks at step ``prune_at`` (a share of the
+    planned steps below 1, else a step), scored on ``--num-samples`` training examples."""
+    from lwlora.training.gradient_selection import probe_batches
+    from lwlora.training.prune import WarmupPrune
+
+    keep = config.num_layers or max(1, math.floor((config.ratio if config.ratio is not None else 0.5) * stack.num_layers))
+    at_step = max(1, round(config.prune_at * planned)) if config.prune_at < 1 else int(config.prune_at)
+    if at_step >= planned:
+        raise ConfigError("--prune-at", f"prunes at step {at_step}, but the run makes {planned} steps: prune earlier (a share such as 0.05, or a step below {planned})")
+    batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in probe_batches(task, num_samples=config.num_samples, batch_size=config.select_batch_size, seed=config.seed)]
+    return WarmupPrune(stack_path=stack.path, num_layers=stack.num_layers, batches=batches, at_step=at_step, keep=keep, score=config.prune_score)
+
+
+def pruned_selection(selection: Any, pruner: Any, saved_state: dict[str, Any] | None) -> Any:
+    """The run's selection once WarmupPrune kept its blocks: those blocks, each block's score
+    (the size of its adapters' updates at the prune step) as its importance, and the pruning's
+    step and counts in ``diagnostics["prune"]``."""
+    from lwlora.selection import LayerRecord
+
+    scores = pruner.scores or [None] * selection.num_layers
+    total = sum(s for s in scores if s is not None) or 1.0
+    records = [LayerRecord(index=i, cka=None, similarity=None, importance=None if s is None else s / total, degenerate=False, reason=None) for i, s in enumerate(scores)]
+    return dataclasses.replace(
+        selection,
+        selected=list(pruner.kept),
+        layers=records,
+        scorer=f"prune-{pruner.score}",
+        similarity_name="none",
+        policy={**selection.policy, "rule": "warmup-prune", "keep": pruner.keep, "at_step": pruner.at_step},
+        diagnostics={**selection.diagnostics, "prune": {"at_step": pruner.at_step, "score": pruner.score, "scores": scores, "kept": list(pruner.kept), "removed_params": pruner.removed_params, "resumed_after_prune": saved_state is not None and saved_state["global_step"] >= pruner.at_step}},
+    )
+
+
 def _trainer_class():
     """transformers' Trainer, feeding each training step's loss to the run's RunLoss."""
     from transformers import Trainer
@@ -378,7 +413,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
 
     from lwlora.blocks import resolve_block_stack
     from lwlora.models import infer_model_kind
-    from lwlora.peft_bridge import apply_selection
+    from lwlora.peft_bridge import apply_selection, verify
     from lwlora.selection import LayerSelection
     from lwlora.tasks import load_task
     from lwlora.training.callbacks import DivergenceGuard, RunLoss, check_finite
@@ -471,6 +506,12 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
     checkpoint = last_checkpoint(run, remove_incomplete=main_process) if config.resume else None
     saved_state = read_trainer_state(Path(checkpoint)) if checkpoint else None
     run_loss = RunLoss.restore(saved_state)  # the loss of the steps before the resume, as the checkpoint kept it
+    planned = planned_steps(config, len(task.train), int(os.environ.get("WORLD_SIZE", "1")))
+    pruner = warmup_pruner(config, task, stack, planned, device) if config.prune_at is not None else None
+    if pruner is not None and checkpoint is not None:
+        from lwlora.training.prune import prune_to_saved
+
+        prune_to_saved(model, checkpoint)  # a checkpoint saved after the prune step holds the kept blocks only
     eval_sets = dict(task.eval)
     trainer = _trainer_class()(
         model=model,
@@ -479,25 +520,32 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
         eval_dataset=eval_sets or None,
         data_collator=task.data_collator,
         compute_metrics=_metrics_function(task) if task.kind != "causal_lm" else None,
-        callbacks=[guard, run_loss, *(callbacks or [])],
+        callbacks=[guard, run_loss, *([pruner] if pruner is not None else []), *(callbacks or [])],
     )
     trainer.run_loss = run_loss
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    planned = planned_steps(config, len(task.train), int(os.environ.get("WORLD_SIZE", "1")))
     if saved_state is not None and saved_state["global_step"] >= planned:
         # Killed after its last checkpoint: the Trainer would train one step past the end, so the
         # checkpoint's weights and state are taken as they are and the run goes on to evaluation.
         logger.warning(f"{Path(checkpoint).name} already holds step {saved_state['global_step']} of {planned}: nothing left to train; evaluating and saving it")
         trainer._load_from_checkpoint(checkpoint)
         trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        if pruner is not None:  # the callback reads what it kept from the checkpoint (and checks the model)
+            pruner.on_train_begin(trainer.args, trainer.state, trainer.control, model=model)
         session_loss = None
     else:
         session_loss = trainer.train(resume_from_checkpoint=checkpoint).training_loss
     train_seconds = time.perf_counter() - started
     train_loss = run_loss.mean if run_loss.steps == trainer.state.global_step else session_loss
     check_finite(model, guard, train_loss)  # a diverged run fails here, before any result is written
+    if pruner is not None and pruner.kept is not None:  # the blocks measured during training are the run's selection
+        selection = pruned_selection(selection, pruner, saved_state)
+        verify(model, selection, config.target_modules)
+        params = count_parameters(model)
+        if main_process:
+            selection.save(selection_path)
 
     final: dict[str, Any] = {}
     if eval_sets:
