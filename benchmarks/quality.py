@@ -20,6 +20,9 @@ Methods (all at ratio 0.5 where a ratio applies):
   all-layer LoRA's parameters (``--granularity sublayer``);
 - ``prune-50``: LoRA on every block for 5% of the steps, then the half of the blocks whose
   adapters changed their layers' outputs most keep training (``--prune-at 0.05``);
+- ``dynamic-50``: adapters on every block, half of them trainable at a time, redrawn every 20
+  steps with probabilities from CKA importance (``--dynamic-blocks 0.5``): full-size adapter,
+  cheaper steps;
 - ``eva-budget``: PEFT's EVA initialisation at the equal-budget rank, ranks redistributed by
   explained variance (the rank-redistribution baseline next to ``importance-ranks``);
 - ``untuned``: the pretrained model evaluated without training (instruction cases: the floor every
@@ -157,6 +160,7 @@ METHODS: dict[str, tuple[str, ...]] = {
     "units-50": ("--layers", "cka", "--granularity", "sublayer", "--ratio", "0.5"),
     "eva-budget": ("--layers", "all", "--budget-from-ratio", "0.5", "--method", "eva"),
     "prune-50": ("--layers", "all", "--prune-at", "0.05", "--ratio", "0.5"),
+    "dynamic-50": ("--layers", "all", "--dynamic-blocks", "0.5", "--dynamic-every", "20"),
     "untuned": (),  # no training: `lwlora eval MODEL` on the test split (instruction cases)
 }
 

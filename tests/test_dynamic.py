@@ -188,7 +188,6 @@ def test_resume_draws_what_an_uninterrupted_run_draws():
 
 def test_adapter_params_by_block_in_peft_models():
     from peft import LoraConfig, get_peft_model
-
     from tiny_models import build
 
     model = tiny_lora_llama(use_dora=True)
@@ -293,7 +292,7 @@ def test_every_block_trains_at_some_point_with_a_floor(tmp_path):
     trainer_for(model, [dynamic], tmp_path, max_steps=40, per_device_train_batch_size=1).train()
     drawn = {i for _, active in dynamic.history for i in active}
     assert drawn == set(range(NUM_BLOCKS))
-    changed = {block_of(n) for (n, p), p0 in zip(model.named_parameters(), start) if "lora_" in n and not torch.equal(p.detach(), p0)}
+    changed = {block_of(n) for (n, p), p0 in zip(model.named_parameters(), start, strict=True) if "lora_" in n and not torch.equal(p.detach(), p0)}
     assert changed == set(range(NUM_BLOCKS))
 
 
@@ -421,7 +420,7 @@ def test_distributed_settings_that_break_are_refused():
 
 
 DDP_SCRIPT = r'''
-import json, sys, warnings
+import json, os, sys, warnings
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
@@ -479,23 +478,34 @@ try:  # different k per rank: a setting error, raised on every rank (not only wh
     DynamicBlocks([[torch.nn.Parameter(torch.zeros(1))] for _ in range(4)], importances=[1] * 4, k=1 + rank, every=1)._agree_across_ranks()
 except ValueError as error:
     mismatch = str(error)
-print("RESULT " + json.dumps(dict(rank=rank, world=dist.get_world_size(), history=dynamic.history, steps=steps, adopted=adopted,
-      mismatch=mismatch, same_weights=torch.equal(gathered[0], gathered[1]), global_step=trainer.state.global_step, refused=refused)), flush=True)
+result = dict(rank=rank, world=dist.get_world_size(), history=dynamic.history, steps=steps, adopted=adopted,
+              mismatch=mismatch, same_weights=torch.equal(gathered[0], gathered[1]), global_step=trainer.state.global_step, refused=refused)
+with open({out!r} + f"/result-{{rank}}.json", "w") as handle:  # a file per rank: the ranks' stdout lines interleave
+    json.dump(result, handle)
+dist.barrier()
+dist.destroy_process_group()
+# Skip the interpreter's teardown: now and then a background thread of the process group is still
+# joinable when C++ statics are destroyed ("terminate called without an active exception", SIGABRT)
+# although everything above finished; the results are on disk already.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 '''
 
 
 def test_two_ddp_processes_draw_the_same_blocks_and_average_the_active_gradients(tmp_path):
     tests = os.path.dirname(os.path.abspath(__file__))
+    (tmp_path / "out").mkdir()
     script = tmp_path / "ddp_dynamic.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=tests, out=str(tmp_path / "out"))))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
-    results = sorted((json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines() if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    results = [json.loads((tmp_path / "out" / f"result-{rank}.json").read_text()) for rank in range(2)]
     assert [r["rank"] for r in results] == [0, 1] and all(r["world"] == 2 for r in results)
     first, second = results
-    assert first["history"] == second["history"] and [s for s, _ in first["history"]] == [0, 2, 4]  # same draws, no communication
+    assert first["history"] == second["history"] and [s for s, _ in first["history"]] == [0, 2, 4]  # same draws: a function of (seed, step // every)
     assert first["global_step"] == second["global_step"] == 6 and first["same_weights"] and second["same_weights"]
     for rank in results:
         assert [s["step"] for s in rank["steps"]] == list(range(6))
@@ -505,3 +515,44 @@ def test_two_ddp_processes_draw_the_same_blocks_and_average_the_active_gradients
         assert "ddp_find_unused_parameters=True" in rank["refused"]
         assert "differ across ranks" in rank["mismatch"]
     assert first["adopted"] == second["adopted"] == block_probabilities([0.1, 0.5, 0.2, 0.3]).tolist()
+
+
+# ------------------------------------------------------------ through lwlora train --dynamic-blocks
+
+
+def test_train_dynamic_blocks_records_its_draws(tiny_bert_dir, tmp_path):
+    import json
+
+    from conftest import write_jsonl
+
+    from lwlora import cli
+
+    data = tmp_path / "cls"
+    data.mkdir()
+    rows = [{"text": f"sample {i} is {'good' if i % 2 else 'bad'}", "label": i % 2} for i in range(24)]
+    write_jsonl(data / "train.jsonl", rows)
+    write_jsonl(data / "validation.jsonl", rows[:6])
+    out = tmp_path / "run"
+    argv = ["train", str(tiny_bert_dir), "--task", "classification", "--data", str(data), "--out", str(out), "--layers", "all", "--dynamic-blocks", "1",
+            "--dynamic-every", "2", "--max-steps", "6", "--batch-size", "8", "--max-length", "24", "--device", "cpu", "--no-progress", "--num-samples", "8"]
+    assert cli.main(argv) == 0
+    dynamic = json.loads((out / "selection.json").read_text())["diagnostics"]["dynamic"]
+    assert dynamic["k"] == 1 and dynamic["every"] == 2 and len(dynamic["importances"]) == 3
+    assert abs(sum(dynamic["probabilities"]) - 1) < 1e-9 and min(dynamic["probabilities"]) >= 0.1 / 3 - 1e-12
+    assert [step for step, _ in dynamic["history"]] == [0, 2, 4] and all(len(active) == 1 for _, active in dynamic["history"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["selected"] == [0, 1, 2]  # every block carries an adapter; they trained in turn
+
+
+def test_train_dynamic_blocks_refuses_what_it_cannot_combine():
+    import pytest
+
+    from lwlora.errors import ConfigError
+    from lwlora.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="--dynamic-blocks"):
+        TrainConfig(model="m", task="classification", out="-", layers="cka", dynamic_blocks=0.5)
+    with pytest.raises(ConfigError, match="--dynamic-floor"):
+        TrainConfig(model="m", task="classification", out="-", layers="all", dynamic_blocks=0.5, dynamic_floor=1.5)
+    with pytest.raises(ConfigError, match="--prune-at"):
+        TrainConfig(model="m", task="classification", out="-", layers="all", dynamic_blocks=0.5, prune_at=0.1)

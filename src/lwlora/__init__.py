@@ -47,6 +47,8 @@ _EXPORTS = {
     "compare_selections": "lwlora.compare",
     "bootstrap_stability": "lwlora.stability",
     "block_gradient_scores": "lwlora.gradient_scores",
+    "DynamicBlocks": "lwlora.training.dynamic",
+    "WarmupPrune": "lwlora.training.prune",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

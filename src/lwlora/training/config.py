@@ -71,6 +71,10 @@ class TrainConfig:
     # measured during training (lwlora.training.prune): LoRA on every block, then keep the best
     prune_at: float | None = None  # with --layers all: prune at this share of the steps (< 1) or step (>= 1) to --ratio (0.5) / --num-layers blocks
     prune_score: Literal["effect", "weight"] = "effect"  # effect: size of each block's adapter updates on selection samples; weight: ||s B A||_F^2
+    # importance-sampled dynamic LoRA (lwlora.training.dynamic): adapters everywhere, k trainable at a time
+    dynamic_blocks: float | None = None  # with --layers all: blocks trainable at a time, a share of L (< 1) or a count
+    dynamic_every: int = 20  # optimizer steps between draws
+    dynamic_floor: float = 0.1  # share of the draw probability spread uniformly, so no block starves
     # optimisation
     epochs: float = 3.0
     max_steps: int | None = None
@@ -219,6 +223,18 @@ class TrainConfig:
         check_device(self.device)
 
     def _check_run(self) -> None:
+        if self.dynamic_blocks is not None:
+            if not self.dynamic_blocks > 0:
+                raise ConfigError("--dynamic-blocks", f"must be positive (a share of the blocks below 1, or a count), got {self.dynamic_blocks}")
+            if self.layers != "all" or self.selection is not None:
+                raise ConfigError("--dynamic-blocks", "puts adapters on every block and trains some at a time: use it with --layers all")
+            if self.prune_at is not None:
+                raise ConfigError("--prune-at", "give only one of --prune-at and --dynamic-blocks")
+            if self.method == "full":
+                raise ConfigError("--dynamic-blocks", "samples adapter blocks; it does not apply to --method full")
+            check_at_least("--dynamic-every", self.dynamic_every)
+            if not 0.0 <= self.dynamic_floor <= 1.0:
+                raise ConfigError("--dynamic-floor", f"must be in [0, 1], got {self.dynamic_floor}")
         if self.prune_at is not None:
             if not self.prune_at > 0:
                 raise ConfigError("--prune-at", f"must be positive (a share of the steps below 1, or a step), got {self.prune_at}")
@@ -239,6 +255,8 @@ class TrainConfig:
         importance`` measures a rule-made selection with ``--scorer``."""
         if self.method == "full":
             return None
+        if self.dynamic_blocks is not None:  # draw probabilities from the blocks' importances
+            return self.scorer
         if self.selection is None and self.layer_indices is None and self.layers not in RULES:
             return self.scorer if self.layers == "cka" else self.layers
         return self.scorer if self.rank_allocation == "importance" else None

@@ -36,6 +36,8 @@ import numpy as np
 from torch import nn
 from transformers import TrainerCallback
 
+__all__ = ["LORA_PARAM_KEYS", "DynamicBlocks", "adapter_params_by_block", "block_probabilities", "draw_blocks", "effective_find_unused_parameters"]
+
 logger = logging.getLogger(__name__)
 
 #: the parameter-name components PEFT gives LoRA (and DoRA) weights
@@ -99,21 +101,18 @@ def block_probabilities(importances: Sequence[float | None], floor: float = 0.1)
         w_i = max(importance_i, 0)      (None or NaN: the mean w of the scored blocks)
         p_i = (1 − floor) · w_i / Σ_j w_j + floor / L
 
-    Negative importances (a block that made its input *more* similar, in a noisy estimate) count
-    as 0, so only the floor can draw them. With no scored block, or all weights 0, ``w`` is uniform.
+    Negative importances (possible with debiased estimators, or with scores of your own) count as
+    0, so only the floor can draw such a block. With no scored block, or all weights 0, ``w`` is uniform.
     """
     L = len(importances)
     if L < 1:
         raise ValueError("importances must have one entry per block (got none)")
-    if not (isinstance(floor, (int, float)) and 0.0 <= float(floor) <= 1.0):
+    if isinstance(floor, bool) or not isinstance(floor, (int, float, np.number)) or not 0.0 <= float(floor) <= 1.0:
         raise ValueError(f"floor must be in [0, 1], got {floor!r}")
     weights: list[float | None] = []
     for i, value in enumerate(importances):
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            weights.append(None)
-            continue
-        value = float(value)
-        if math.isnan(value):
+        value = None if value is None else float(value)
+        if value is None or math.isnan(value):
             weights.append(None)
         elif math.isinf(value):
             raise ValueError(f"importance of block {i} is {value}; give finite scores (None for a block without one)")
@@ -201,6 +200,8 @@ class DynamicBlocks(TrainerCallback):
     ) -> None:
         super().__init__()
         self.num_blocks = len(importances)
+        if self.num_blocks < 1:
+            raise ValueError("importances must have one entry per block (got none)")
         _check_int("k", k, 1, self.num_blocks, hint=f"the number of blocks (len(importances) = {self.num_blocks})")
         _check_int("every", every, 1, None, hint="optimizer steps between draws")
         _check_int("seed", seed, 0, None, hint="a non-negative int")

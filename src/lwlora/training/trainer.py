@@ -216,6 +216,8 @@ def _training_arguments(config: TrainConfig, run: Path, has_eval: bool, device: 
         logging_strategy="steps",
         logging_steps=config.logging_steps,
         logging_nan_inf_filter=False,  # a NaN step must show in the logged loss (DivergenceGuard)
+        # --prune-at / --dynamic-blocks leave adapters without gradients, which DDP allows only so
+        ddp_find_unused_parameters=True if (config.prune_at is not None or config.dynamic_blocks is not None) else None,
         eval_strategy=strategy if has_eval else "no",
         save_strategy="steps" if config.save_every else "epoch",
         save_total_limit=1,
@@ -356,6 +358,24 @@ def warmup_pruner(config: TrainConfig, task: Any, stack: Any, planned: int, devi
         raise ConfigError("--prune-at", f"prunes at step {at_step}, but the run makes {planned} steps: prune earlier (a share such as 0.05, or a step below {planned})")
     batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in probe_batches(task, num_samples=config.num_samples, batch_size=config.select_batch_size, seed=config.seed)]
     return WarmupPrune(stack_path=stack.path, num_layers=stack.num_layers, batches=batches, at_step=at_step, keep=keep, score=config.prune_score)
+
+
+def dynamic_sampler(config: TrainConfig, model: nn.Module, tokenizer: Any, stack: Any, model_kind: str, task: Any, selection: Any) -> Any:
+    """``--dynamic-blocks``: the DynamicBlocks callback (lwlora.training.dynamic) over every
+    block's adapters, drawing ``k`` (a share of L below 1, else a count) every ``--dynamic-every``
+    steps with probabilities from the blocks' importances, measured here with ``--scorer`` on the
+    task's selection samples (recorded in ``selection.diagnostics["dynamic"]``)."""
+    from lwlora.training.dynamic import DynamicBlocks, block_probabilities
+    from lwlora.training.layers import _similarity_selection
+
+    k = max(1, math.floor(config.dynamic_blocks * stack.num_layers)) if config.dynamic_blocks < 1 else int(config.dynamic_blocks)
+    if k > stack.num_layers:
+        raise ConfigError("--dynamic-blocks", f"{k} blocks at a time, but the model has {stack.num_layers}")
+    scored = _similarity_selection(dataclasses.replace(config, ratio=None, num_layers=stack.num_layers, dynamic_blocks=None, layers="cka"), model.get_base_model(), tokenizer, model_kind, task.selection_texts, scorer=config.scorer)
+    importances = scored.importances
+    selection.diagnostics["dynamic"] = {"k": k, "every": config.dynamic_every, "floor": config.dynamic_floor, "scorer": config.scorer, "importances": importances,
+                                        "probabilities": [float(p) for p in block_probabilities(importances, config.dynamic_floor)]}
+    return DynamicBlocks(importances=importances, k=k, every=config.dynamic_every, floor=config.dynamic_floor, seed=config.seed, model=model, stack_path=stack.path)
 
 
 def pruned_selection(selection: Any, pruner: Any, saved_state: dict[str, Any] | None) -> Any:
@@ -508,6 +528,10 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
     run_loss = RunLoss.restore(saved_state)  # the loss of the steps before the resume, as the checkpoint kept it
     planned = planned_steps(config, len(task.train), int(os.environ.get("WORLD_SIZE", "1")))
     pruner = warmup_pruner(config, task, stack, planned, device) if config.prune_at is not None else None
+    sampler = None
+    if config.dynamic_blocks is not None:
+        with compute_context(device, bf16=config.bf16, fp16=config.fp16):
+            sampler = dynamic_sampler(config, model, tokenizer, stack, model_kind, task, selection)
     if pruner is not None and checkpoint is not None:
         from lwlora.training.prune import prune_to_saved
 
@@ -520,7 +544,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
         eval_dataset=eval_sets or None,
         data_collator=task.data_collator,
         compute_metrics=_metrics_function(task) if task.kind != "causal_lm" else None,
-        callbacks=[guard, run_loss, *([pruner] if pruner is not None else []), *(callbacks or [])],
+        callbacks=[guard, run_loss, *(c for c in (pruner, sampler) if c is not None), *(callbacks or [])],
     )
     trainer.run_loss = run_loss
     if torch.cuda.is_available():
@@ -540,6 +564,9 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
     train_seconds = time.perf_counter() - started
     train_loss = run_loss.mean if run_loss.steps == trainer.state.global_step else session_loss
     check_finite(model, guard, train_loss)  # a diverged run fails here, before any result is written
+    if sampler is not None and main_process:  # which blocks trained when
+        selection.diagnostics["dynamic"] = {**selection.diagnostics.get("dynamic", {}), "history": [[step, list(active)] for step, active in sampler.history]}
+        selection.save(selection_path)
     if pruner is not None and pruner.kept is not None:  # the blocks measured during training are the run's selection
         selection = pruned_selection(selection, pruner, saved_state)
         verify(model, selection, config.target_modules)
