@@ -50,8 +50,9 @@ groups of train and validates on ``--tune-holdout`` of them held out whole (``tu
 Runs are resumable: a run that finished (``metrics.json``) with the same ``lwlora train`` command
 line (kept in ``RUN.argv.json``) is read, not retrained, so the command can be repeated until every
 run is done; a run of another recipe is trained again. Writes ``OUT.json`` (every run, the learning-rate search and the summary),
-``OUT.md`` (one table per case, with the chosen rates and each run's step time and peak memory)
-and ``OUT.png`` (test metric per method and case, mean ± std).
+``OUT.md`` (one table per case, with the chosen rates and each run's step time and peak memory),
+``OUT.png`` (test metric per method and case, mean ± std) and ``OUT-tradeoff.png`` (test metric
+against trainable parameters and step time, per case).
 """
 
 from __future__ import annotations
@@ -584,6 +585,50 @@ def plot(summary: dict[str, Any], path: Path, baselines: dict[str, float | None]
         plt.close(fig)
 
 
+def plot_tradeoff(summary: dict[str, Any], path: Path, recipes: dict[str, dict[str, Any]]) -> None:
+    """Quality against cost, one row per case: test metric (mean ± std over seeds) against the
+    trainable parameters relative to all-layer LoRA (left) and against the step time (right), one
+    marker per method; the dashed line is all-layer LoRA's score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [c for c in summary if summary[c] and "all-layer" in summary[c]]
+    if not cases:
+        return
+    fig, axes = plt.subplots(len(cases), 2, figsize=(9, 3.2 * len(cases)), squeeze=False)
+    markers = "osD^v<>pPX*h"
+    for row, case in zip(axes, cases):
+        metric = recipes.get(case, {}).get("metric", "accuracy")
+        base = summary[case]["all-layer"]
+        base_params = (base.get("trainable_params") or {}).get("mean")
+        base_score = base["final"].get("test", {}).get(metric)
+        for index, (method, stats) in enumerate(summary[case].items()):
+            test = stats["final"].get("test", {}).get(metric)
+            if not test:
+                continue
+            params = (stats.get("trainable_params") or {}).get("mean")
+            step = (stats.get("step_s") or {}).get("mean")
+            style = dict(marker=markers[index % len(markers)], linestyle="none", label=method, color="#c44e52" if method.startswith("cka") else None)
+            if params is not None and base_params:
+                row[0].errorbar(params / base_params, 100 * test["mean"], yerr=100 * test["std"], **style)
+            if step is not None:
+                row[1].errorbar(step, 100 * test["mean"], yerr=100 * test["std"], **style)
+        for ax, label in zip(row, ("trainable parameters / all-layer LoRA", "step time (s, shared GPU)")):
+            if base_score:
+                ax.axhline(100 * base_score["mean"], color="grey", linestyle="--", linewidth=1)
+            ax.set_xlabel(label, fontsize=8)
+            ax.set_ylabel(f"test {metric} (%)", fontsize=8)
+            ax.set_title(case, fontsize=8)
+        row[0].legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
+
+
 def environment() -> dict[str, Any]:
     import peft
     import torch
@@ -646,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out.with_suffix(".md"), markdown(saved["summary"], saved["environment"], baselines, saved["recipes"], saved.get("tuning")))
         plot(saved["summary"], out.with_suffix(".png"), baselines, saved["recipes"])
+        plot_tradeoff(saved["summary"], out.with_name(out.name + "-tradeoff.png"), saved["recipes"])
         return 0
 
     models = parse_models(args.model)
@@ -766,6 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(out.with_suffix(".json"), result)
     atomic_write_text(out.with_suffix(".md"), markdown(summary, env, baselines, result["recipes"], tuning))
     plot(summary, out.with_suffix(".png"), baselines, result["recipes"])
+    plot_tradeoff(summary, out.with_name(out.name + "-tradeoff.png"), result["recipes"])
     print(markdown(summary, env, baselines, result["recipes"], tuning))
     failed = [j for j in every if j.error]
     for j in failed:

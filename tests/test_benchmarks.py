@@ -138,7 +138,7 @@ def test_quality_benchmark_smoke(tmp_path, tiny_bert_dir, data_files):
     summary = data["summary"]["minilm/tiny_cls"]
     assert 0.0 <= summary["cka-50"]["final"]["test"]["accuracy"]["mean"] <= 1.0
     assert "| cka-50 | 0.0005 | 1 |" in (tmp_path / "q.md").read_text()
-    assert (tmp_path / "q.png").stat().st_size > 0
+    assert (tmp_path / "q.png").stat().st_size > 0 and (tmp_path / "q-tradeoff.png").stat().st_size > 0
     # the trivial baseline: the majority class of the 12 test rows (labels alternate 0/1 -> 50%)
     assert data["trivial_baselines"]["minilm/tiny_cls"] == 0.5
     assert bench.main(["--from-json", str(tmp_path / "q.json"), "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "again")]) == 0
