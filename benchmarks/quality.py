@@ -77,7 +77,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lwlora.compare import summarise_runs  # noqa: E402
+from lwlora.commands.compare import summarise_runs
 from lwlora.io import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 
 

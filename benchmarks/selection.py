@@ -49,12 +49,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from lwlora.blocks import resolve_block_stack  # noqa: E402
-from lwlora.capture import (  # noqa: E402
-    STATISTICS,
-    Captured,
-    capture_block_representations,
-)
-from lwlora.scoring import get_scorer, score_pair  # noqa: E402
+from lwlora.selection.capture import STATISTICS, Captured, capture_block_representations
+from lwlora.selection.scoring import get_scorer, score_pair
 from lwlora.streaming import CKAStatistics  # noqa: E402
 
 

@@ -32,7 +32,7 @@ from lwlora.io import atomic_write_json, atomic_write_text  # noqa: E402
 def select_side(model: str, task_name: str, data: str, *, num_samples: int, seed: int, device: str, max_length: int, batch_size: int) -> dict:
     """``lwlora select --device DEVICE`` on the task's selection samples (the bare model, its dtype)."""
     from lwlora.models import load_model
-    from lwlora.select import SelectConfig, select_layers
+    from lwlora.commands.select import SelectConfig, select_layers
     from lwlora.tasks import load_task
 
     tick = time.perf_counter()

@@ -47,8 +47,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from lwlora.blocks import resolve_block_stack  # noqa: E402
-from lwlora.peft_bridge import apply_selection  # noqa: E402
-from lwlora.selection import LayerRecord, LayerSelection  # noqa: E402
+from lwlora.adapters.placement import apply_selection
+from lwlora.selection.artifact import LayerRecord, LayerSelection
 
 
 @dataclass
@@ -110,7 +110,7 @@ def selections(num_layers: int) -> dict[str, list[int] | None]:
 def units_stand_in(stack, r: int) -> dict:
     """The ``units50`` stand-in's unit records: every attention half, then MLP halves from the top
     block down while Σ parameters ≤ half of all-layer LoRA's (see the module docstring)."""
-    from lwlora.units import PARTS, unit_params
+    from lwlora.selection.units import PARTS, unit_params
 
     names = stack.block_linear_modules()
     params = unit_params(stack, names, r)

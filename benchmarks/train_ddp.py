@@ -41,7 +41,7 @@ import train_cost  # noqa: E402
 from train_cost import make_selection, selections  # noqa: E402
 
 from lwlora.blocks import resolve_block_stack  # noqa: E402
-from lwlora.peft_bridge import apply_selection  # noqa: E402
+from lwlora.adapters.placement import apply_selection
 
 
 @dataclass

@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModel, LlamaConfig
 
 from lwlora.blocks import resolve_block_stack
-from lwlora.capture import capture_block_representations
-from lwlora.scoring import get_scorer
+from lwlora.selection.capture import capture_block_representations
+from lwlora.selection.scoring import get_scorer
 
 
 def scores(model, batches):

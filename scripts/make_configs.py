@@ -78,7 +78,7 @@ def main() -> None:
             }
             write(ROOT / "paper" / f"scienceqa-{short}-lora-{name}.yaml",
                   f"Paper setup: {hub} on ScienceQA (examples with an image; accuracy of the answer letter), LoRA r 128 alpha 128 on the language model, vision tower and projector frozen, layers={name}. Global batch 128 on one GPU (4 x 32 accumulation): divide grad_accum by the number of GPUs under accelerate launch.", config)
-    shared = "../shared/data"
+    shared = "../../../../../shared/data"  # ../shared/data of the repository, read from configs/small/ (paths resolve against the config's folder)
     for data in ("sentiment_multiemo", "nli_vitaminc", "rte_epistemic"):
         for name, layers in LAYERS.items():
             config = {

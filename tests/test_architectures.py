@@ -19,17 +19,10 @@ from tiny_models import CASES, INFOS, ModelInfo, build, cases, llava_image_batch
 from torch import nn
 
 from lwlora.blocks import find_block_stacks, get_module, resolve_block_stack
-from lwlora.capture import POOLINGS, capture_block_representations, pool
+from lwlora.selection.capture import POOLINGS, capture_block_representations, pool
 from lwlora.errors import ConfigError
-from lwlora.peft_bridge import (
-    METHODS,
-    AdapterPlacementError,
-    adapted_module_names,
-    apply_selection,
-    build_peft_config,
-    verify,
-)
-from lwlora.selection import LayerRecord, LayerSelection
+from lwlora.adapters.placement import METHODS, AdapterPlacementError, adapted_module_names, apply_selection, build_peft_config, verify
+from lwlora.selection.artifact import LayerRecord, LayerSelection
 
 ENCODERS = cases(kind="encoder")
 DECODERS = cases(kind="decoder")
@@ -515,14 +508,14 @@ def test_selection_from_bare_model_applies_to_head_model(name):
 
 @pytest.mark.parametrize("name", _params("model_less", ["bert-seqcls", "gpt2-lm", "llama-lm", "llava", "mixtral-lm"]))
 def test_config_built_without_the_model_restricts_blocks(name):
-    """``selection.to_peft_config()`` (no model at hand: the unanchored expression) on the head model."""
+    """``build_peft_config(selection)`` (no model at hand: the unanchored expression) on the head model."""
     from peft import get_peft_model
 
     head_model, info = build(name)
     base_model, base_info = build(info.base_name)
     selection = make_selection(resolve_block_stack(base_model), [1], base_info)
     expected = {1: linear_names(resolve_block_stack(head_model).blocks[1])}
-    peft_model = get_peft_model(head_model, selection.to_peft_config(r=2))
+    peft_model = get_peft_model(head_model, build_peft_config(selection, r=2))
     assert adapters_by_block(adapted_module_names(peft_model), info.layers_path) == expected
     verify(peft_model, selection, "auto")
 
@@ -543,7 +536,7 @@ def test_mixtral_regex_rewrite_is_contained_by_the_exclusion():
 
     model, info = build("mixtral-lm")
     stack = resolve_block_stack(model)
-    config = make_selection(stack, [1], info).to_peft_config(r=2, model=model)
+    config = build_peft_config(make_selection(stack, [1], info), r=2, model=model)
     assert config.exclude_modules
     peft_model = get_peft_model(model, config)
     assert set(adapters_by_block(adapted_module_names(peft_model), stack.path)) == {1}

@@ -131,7 +131,7 @@ def test_quality_benchmark_smoke(tmp_path, tiny_bert_dir, data_files):
     layers = len(runs["all-layer"]["selected"])
     assert len(runs["cka-50"]["selected"]) == layers // 2
     # equal budget: every block, at the rank that matches floor(L/2) blocks' adapter parameters
-    from lwlora.budget import equal_budget_rank
+    from lwlora.adapters.ranks import equal_budget_rank
 
     assert runs["equal-budget"]["selected"] == runs["all-layer"]["selected"]
     assert runs["equal-budget"]["adapter_rank"]["r"] == equal_budget_rank(runs["all-layer"]["adapter_rank"]["r"], layers // 2, layers)
@@ -253,6 +253,7 @@ def test_quality_recipe_flags_fit_every_method(tmp_path):
     """Every method's command line for every case parses as `lwlora train` flags and builds a
     valid TrainConfig (e.g. no --modules-to-save with --method full)."""
     from lwlora.cli import build_parser
+    from lwlora.commands.arguments import given
     from lwlora.training.config import TrainConfig
 
     bench = load_script("quality")
@@ -263,7 +264,7 @@ def test_quality_recipe_flags_fit_every_method(tmp_path):
                 continue
             argv = bench.build_argv(case, method, 0, model="m", data_root=tmp_path, run_dir=tmp_path / "run", recipe=recipe, bf16=False, max_steps=None)
             args = parser.parse_args(argv)
-            fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
+            fields = given(args)
             TrainConfig(**fields)  # raises ConfigError on a combination lwlora train refuses
 
 

@@ -1,4 +1,4 @@
-"""lwlora.budget: adapter sizes checked against PEFT, budget selection, knee, rank allocation, costs."""
+"""lwlora.selection.cost, lwlora.selection.policy budgets and lwlora.adapters.ranks: adapter sizes checked against PEFT, budget selection, knee, rank allocation, costs."""
 
 from __future__ import annotations
 
@@ -12,22 +12,11 @@ from tiny_models import build
 from torch import nn
 
 from lwlora.blocks import BlockStack, resolve_block_stack
-from lwlora.budget import (
-    ACTIVATION_VALUES_PER_HIDDEN,
-    alpha_pattern_for_peft,
-    auto_count,
-    equal_budget_rank,
-    importance_rank_pattern,
-    knee_curve,
-    lora_params_per_block,
-    params_ratio,
-    prefer_shallow,
-    rank_pattern_for_peft,
-    select_by_param_budget,
-    selection_cost,
-)
-from lwlora.peft_bridge import apply_selection
-from lwlora.selection import LayerRecord, LayerSelection
+from lwlora.selection.cost import ACTIVATION_VALUES_PER_HIDDEN, lora_params_per_block, selection_cost
+from lwlora.adapters.ranks import alpha_pattern_for_peft, equal_budget_rank, importance_rank_pattern, params_ratio, rank_pattern_for_peft
+from lwlora.selection.policy import auto_count, knee_curve, prefer_shallow, select_by_param_budget
+from lwlora.adapters.placement import apply_selection
+from lwlora.selection.artifact import LayerRecord, LayerSelection
 
 
 def make_selection(stack, selected, name: str) -> LayerSelection:

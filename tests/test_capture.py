@@ -7,10 +7,10 @@ import torch
 from transformers import AutoModel, LlamaConfig
 
 from lwlora.blocks import resolve_block_stack
-from lwlora.capture import capture_block_representations, pool
+from lwlora.selection.capture import capture_block_representations, pool
 from lwlora.data import TextSamples
-from lwlora.scoring import get_scorer
-from lwlora.select import score_layers
+from lwlora.selection.scoring import get_scorer
+from lwlora.selection.pipeline import score_layers
 
 
 def test_pool_against_manual_indexing():

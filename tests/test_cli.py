@@ -136,7 +136,7 @@ def _check_stdout(stdout: str, out: Path, selection: dict) -> None:
     assert str(out / "selection.json") in stdout
     assert f"LayerSelection.load({str(out / 'selection.json')!r})" in stdout
     assert "apply_selection(model, selection" in stdout
-    assert "to_peft_config(" in stdout
+    assert "build_peft_config(selection" in stdout
 
 
 def test_encoder_happy_path(bert_run):
@@ -362,7 +362,7 @@ def _cases():
         ("include-exclude-overlap", bert("jsonl", "--include", "1", "--exclude", "1,2"), "--exclude", ["[1]", "--include"]),
         ("include-more-than-count", bert("jsonl", "--num-layers", "1", "--include", "1,2"), "--include", []),
         ("exclude-leaves-too-few", bert("jsonl", "--num-layers", "3", "--exclude", "0"), "--exclude", []),
-        ("ratio-and-num-layers", bert("jsonl", "--ratio", "0.5", "--num-layers", "1"), "--num-layers", ["--ratio"]),
+        ("ratio-and-num-layers", bert("jsonl", "--ratio", "0.5", "--num-layers", "1"), "--ratio", ["--num-layers"]),
         ("preset-with-layers", bert("jsonl", "--preset", "paper", "--layers", "1"), "--preset", []),
         ("batch-size-0", bert("jsonl", "--batch-size", "0"), "--batch-size", []),
         ("max-length-0", bert("jsonl", "--max-length", "0"), "--max-length", []),

@@ -83,6 +83,39 @@ def test_run_from_yaml_with_overrides(tiny_bert_dir, cls_dir, tmp_path):
     assert not (tmp_path / "from-yaml").exists()
 
 
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_any_config_key_is_overridden_by_its_flag(tiny_bert_dir, cls_dir, tmp_path, command):
+    """`lwlora run --config F --lr ...` and `lwlora train --config F --lr ...`, as llamafactory-cli
+    and tune run take overrides; the flags are those of `lwlora train`."""
+    config = {"model": str(tiny_bert_dir), "task": "classification", "data": str(cls_dir), "out": str(tmp_path / "run"), "layers": "last",
+              "max_steps": 3, "lr": 2e-4, "batch_size": 8, "max_length": 24, "device": "cpu"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main([command, "--config", str(path), "--lr", "1e-3", "--max-steps", "2", "--layers", "0", "--no-progress"]) == 0
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["lr"] == 1e-3 and saved["max_steps"] == 2 and saved["layers"] == "0"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]["global_step"] == 2
+
+
+def test_relative_data_in_a_config_reads_from_the_config_folder(tiny_bert_dir, cls_dir, tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "project"
+    shutil.copytree(cls_dir, folder / "data")
+    config = {"model": str(tiny_bert_dir), "task": "classification", "data": "data", "out": str(tmp_path / "run"), "layers": "last", "num_layers": 1, "max_steps": 1, "batch_size": 8, "max_length": 24, "device": "cpu"}
+    (folder / "c.yaml").write_text(yaml.safe_dump(config))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["run", "--config", str(folder / "c.yaml"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["data"] == str((folder / "data").resolve())
+
+
+def test_train_without_model_or_config_names_what_is_missing(capsys):
+    assert cli.main(["train", "--task", "classification", "--out", "x"]) == 2
+    assert "MODEL: is required" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "content, message",
     [("model: x\ntask: y\nout: z\nlearning_rate: 1\n", "unknown key"), ("- a\n- b\n", "mapping"), ("task: y\nout: z\n", "missing"), ("a: [1,\n", "invalid YAML")],
@@ -213,3 +246,16 @@ def test_a_diverged_run_fails_and_saves_no_result(tiny_bert_dir, cls_dir, tmp_pa
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("warning:")]
     assert code == 2 and len(err) == 1 and "--lr" in err[0], err
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
+
+
+def test_the_untuned_score_is_measured_to_read_the_trained_one_against(tiny_llama_dir, tmp_path):
+    data = tmp_path / "inst"
+    data.mkdir()
+    rows = [{"instruction": f"the cat sat {i} times", "output": f"the dog ran #### {i}", "answer": str(i)} for i in range(12)]
+    write_jsonl(data / "train.jsonl", rows)
+    write_jsonl(data / "validation.jsonl", rows[:3])
+    out = tmp_path / "run"
+    assert cli.main(["train", str(tiny_llama_dir), "--task", "instruction", "--data", str(data), "--out", str(out), "--layers", "last", "--num-layers", "1", "--max-steps", "2",
+                     "--batch-size", "4", "--max-length", "64", "--max-new-tokens", "4", "--device", "cpu", "--no-progress", "--eval-untuned"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["untuned"]["validation"]["n"] == 3 and "exact_match" in metrics["untuned"]["validation"]

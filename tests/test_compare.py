@@ -10,17 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import SENTENCES, write_jsonl
 
-from lwlora.compare import (
-    add_compare_parser,
-    compare_selections,
-    format_comparison,
-    jaccard,
-    parse_methods,
-    parse_seeds,
-    summarise_runs,
-    train_comparison,
-    write_comparison,
-)
+from lwlora.commands.compare import compare_selections, format_comparison, jaccard, parse_methods, parse_seeds, summarise_runs, train_comparison, write_comparison
 from lwlora.errors import ConfigError
 
 FAST = {"num_samples": 16, "batch_size": 4, "max_length": 32, "device": "cpu", "progress": False}
@@ -40,10 +30,15 @@ def comparison(tiny_bert_dir, labelled_dir):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers()
-    add_compare_parser(sub)
-    return p
+    from lwlora.cli import build_parser
+
+    return build_parser()
+
+
+def run(args: argparse.Namespace) -> int:
+    from lwlora.cli import run_command
+
+    return run_command(args)
 
 
 def test_jaccard_definition():
@@ -129,7 +124,7 @@ def test_cli_handler_with_training(tiny_bert_dir, labelled_dir, tmp_path, capsys
         "--num-layers", "1", "--num-samples", "16", "--batch-size", "4", "--max-length", "32", "--device", "cpu", "--no-progress",
         "--train", "--seeds", "0,1", "--max-steps", "2", "--r", "2", "--train-batch-size", "8",
     ])
-    assert args.run(args) == 0
+    assert run(args) == 0
     printed = capsys.readouterr().out
     assert "| cka |" in printed and "| last | 2 | `001` | 2 |" in printed
     data = json.loads((out / "comparison.json").read_text())
@@ -177,7 +172,7 @@ def test_cli_bad_inputs_fail_before_writing(tiny_bert_dir, labelled_dir, tmp_pat
         out = tmp_path / f"out{i}"
         args = parser().parse_args([*base, "--out", str(out), *extra])
         with pytest.raises(ConfigError) as info:
-            args.run(args)
+            run(args)
         assert info.value.flag == flag, (extra, info.value)
         assert not out.exists()
     with pytest.raises(ConfigError) as info:

@@ -1,7 +1,7 @@
 """Configs refuse bad values before anything is loaded or written: YAML values are typed and
 converted from the dataclass field types, every choice-valued option is checked, and
 ``TrainConfig`` refuses what ``SelectConfig`` refuses for the selection options they share
-(lwlora.options_checks). Also a guard on pyproject's declared dependencies."""
+(lwlora.selection.options, lwlora.fields). Also a guard on pyproject's declared dependencies."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from conftest import write_jsonl
 from lwlora import cli
 from lwlora.configs import list_configs, load_config
 from lwlora.errors import ConfigError
-from lwlora.select import SelectConfig
+from lwlora.commands.select import SelectConfig
 from lwlora.training.config import TrainConfig
 
 REQUIRED = {"model": "m", "task": "classification", "out": "o"}
@@ -52,13 +52,13 @@ def stderr_lines(capsys) -> list[str]:
 @pytest.fixture
 def no_loading(monkeypatch):
     """A bad option must be refused before any tokenizer or model is loaded."""
-    from lwlora.training import trainer
+    from lwlora.training import loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("loaded a tokenizer or model before checking the options")
 
-    monkeypatch.setattr(trainer, "load_tokenizer", refuse)
-    monkeypatch.setattr(trainer, "load_training_model", refuse)
+    monkeypatch.setattr(loading, "load_tokenizer", refuse)
+    monkeypatch.setattr(loading, "load_task_model", refuse)
 
 
 # ------------------------------------------------------------------------------ value types
@@ -190,18 +190,21 @@ def test_bootstrap_needs_two_replicates(bootstrap, ok):
 def test_the_tables_restated_without_torch_agree_with_their_owners():
     import typing
 
-    from lwlora import capture, gradient_scores, models, options_checks, scoring, select
+    from lwlora import models
+    from lwlora.selection import capture, gradients, scoring
+    from lwlora.selection import options as options_checks
+    from lwlora.selection.policy import RULES
     from lwlora.blocks import TOWERS
 
     assert {name: (s.min_samples, isinstance(s, scoring.CKAScorer), scoring.uses_statistics(s)) for name, s in scoring.SCORERS.items()} == {
         name: (f.min_samples, f.cka, f.streams) for name, f in options_checks.SIMILARITY_SCORERS.items()
     }
-    assert options_checks.GRADIENT_SCORERS == tuple(gradient_scores.GRADIENT_SCORERS)
-    assert options_checks.ALL_SCORERS == select.ALL_SCORERS
+    assert options_checks.GRADIENT_SCORERS == tuple(gradients.GRADIENT_SCORERS)
+    assert options_checks.ALL_SCORERS == (*scoring.SCORERS, *gradients.GRADIENT_SCORERS, *RULES)
     assert options_checks.POOLINGS == capture.POOLINGS and options_checks.STATISTICS == capture.STATISTICS
     assert options_checks.FEATURE_NORMS == scoring.FEATURE_NORMS
     assert set(options_checks.DTYPES) == set(models.DTYPES)
-    assert set(typing.get_args(typing.get_type_hints(TrainConfig)["tower"])) <= set(TOWERS)
+    assert options_checks.TOWER_NAMES == TOWERS
 
 
 def test_train_config_needs_no_torch():

@@ -208,7 +208,7 @@ def test_empty_split_file_in_a_directory_is_named(tmp_path):
 
 
 def test_fewer_records_than_num_samples_warns_and_is_recorded(tiny_bert_dir, data_files, lwlora_warnings):
-    from lwlora.select import SelectConfig, select_layers
+    from lwlora.commands.select import SelectConfig, select_layers
 
     selection = select_layers(SelectConfig(model=str(tiny_bert_dir), data=str(data_files.jsonl), num_samples=128, device="cpu", progress=False))
     expected = f"--num-samples 128 asked, but {data_files.jsonl} has only 40 records: the scores rest on 40 samples"
@@ -217,7 +217,7 @@ def test_fewer_records_than_num_samples_warns_and_is_recorded(tiny_bert_dir, dat
 
 
 def test_enough_records_do_not_warn(tiny_bert_dir, data_files, lwlora_warnings):
-    from lwlora.select import SelectConfig, select_layers
+    from lwlora.commands.select import SelectConfig, select_layers
 
     selection = select_layers(SelectConfig(model=str(tiny_bert_dir), data=str(data_files.jsonl), num_samples=40, device="cpu", progress=False))
     assert not [w for w in lwlora_warnings + selection.warnings if "--num-samples" in w]

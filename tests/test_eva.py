@@ -56,8 +56,8 @@ def test_eva_on_selected_blocks_of_a_decoder_redistributes_ranks_and_reloads(tin
 
 def test_eva_initialises_a_from_the_data(tiny_llama_dir, instruct_dir, tmp_path):
     """After EVA, each lora_A's rows are orthonormal right-singular vectors (not Kaiming noise)."""
-    from lwlora.peft_bridge import apply_selection, initialize_eva  # noqa: F401 - initialize_eva is what apply_selection runs
-    from lwlora.selection import LayerRecord, LayerSelection
+    from lwlora.adapters.placement import apply_selection, initialize_eva
+    from lwlora.selection.artifact import LayerRecord, LayerSelection
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)

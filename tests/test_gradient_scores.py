@@ -14,11 +14,7 @@ from conftest import SENTENCES
 from torch import nn
 
 from lwlora.blocks import resolve_block_stack
-from lwlora.gradient_scores import (
-    GradientScores,
-    block_gradient_scores,
-    scores_to_layer_scores,
-)
+from lwlora.selection.gradients import GradientScores, block_gradient_scores, scores_to_layer_scores
 
 VOCAB, DIM, CLASSES = 20, 6, 3
 

@@ -22,7 +22,7 @@ from vlm_fixtures import (
 
 from lwlora import cli
 from lwlora.blocks import resolve_block_stack
-from lwlora.capture import pool
+from lwlora.selection.capture import pool
 from lwlora.errors import ConfigError
 from lwlora.multimodal import (
     ImageTextCollator,
@@ -31,8 +31,9 @@ from lwlora.multimodal import (
     load_image_text_samples,
     load_processor,
 )
-from lwlora.peft_bridge import adapted_module_names, apply_selection
-from lwlora.select import SelectConfig, capture_samples, select_layers
+from lwlora.adapters.placement import adapted_module_names, apply_selection
+from lwlora.commands.select import SelectConfig, select_layers
+from lwlora.selection.pipeline import capture_samples
 from lwlora.tasks import load_task
 from lwlora.tasks.scienceqa import scienceqa_prompt, scienceqa_selection_samples
 

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lwlora.errors import ConfigError
-from lwlora.policy import SelectionPolicy, paper_policy, rank_blocks, select_blocks
-from lwlora.selection import SCHEMA_VERSION, LayerRecord, LayerSelection
+from lwlora.selection.policy import SelectionPolicy, paper_policy, rank_blocks, select_blocks
+from lwlora.selection.artifact import SCHEMA_VERSION, LayerRecord, LayerSelection
 
 
 def test_ratio_is_floor_of_ratio_times_layers():

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lwlora.blocks import resolve_block_stack
-from lwlora.peft_bridge import adapted_module_names, apply_selection, verify
-from lwlora.selection import LayerRecord, LayerSelection
+from lwlora.adapters.placement import adapted_module_names, apply_selection, verify
+from lwlora.selection.artifact import LayerRecord, LayerSelection
 from lwlora.training.prune import (
     WarmupPrune,
     adapter_effect_scores,
@@ -507,7 +507,7 @@ def test_train_prune_at_keeps_the_measured_blocks_and_records_them(tiny_bert_dir
     from transformers import AutoModelForSequenceClassification
 
     from lwlora import cli
-    from lwlora.peft_bridge import adapted_module_names
+    from lwlora.adapters.placement import adapted_module_names
 
     data = tmp_path / "cls"
     data.mkdir()

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from lwlora.blocks import resolve_block_stack
-from lwlora.capture import capture_block_representations, pool
-from lwlora.peft_bridge import adapted_module_names, apply_selection
-from lwlora.select import SelectConfig, select_layers
+from lwlora.selection.capture import capture_block_representations, pool
+from lwlora.adapters.placement import adapted_module_names, apply_selection
+from lwlora.commands.select import SelectConfig, select_layers
 
 pytestmark = pytest.mark.slow
 

@@ -6,18 +6,13 @@ import pytest
 import torch
 
 from lwlora import similarity
-from lwlora.capture import BlockRepresentations
+from lwlora.selection.capture import BlockRepresentations
 from lwlora.errors import ConfigError
-from lwlora.policy import SelectionPolicy
-from lwlora.scoring import get_scorer
-from lwlora.select import (
-    NEAR_IDENTITY_CKA,
-    SelectConfig,
-    near_identity_diagnostics,
-    score_representations,
-    select_layers,
-)
-from lwlora.selection import LayerRecord
+from lwlora.selection.policy import SelectionPolicy
+from lwlora.selection.scoring import get_scorer
+from lwlora.selection.pipeline import NEAR_IDENTITY_CKA, near_identity_diagnostics, score_representations
+from lwlora.commands.select import SelectConfig, select_layers
+from lwlora.selection.artifact import LayerRecord
 
 
 def test_standardized_cka_ignores_per_feature_scale_but_plain_cka_does_not():
@@ -109,7 +104,7 @@ def test_near_identity_ties_are_reported_with_the_robust_alternative():
     assert sum(r.cka >= NEAR_IDENTITY_CKA for r in records) >= 2
     policy = SelectionPolicy(num_layers=2)
     config = SelectConfig(model="m", data="d", num_samples=64)
-    from lwlora.policy import select_blocks
+    from lwlora.selection.policy import select_blocks
 
     selected, _ = select_blocks([r.importance for r in records], policy)
     diagnostics, warnings = near_identity_diagnostics(reps, records, policy, config, selected)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lwlora import similarity
-from lwlora.scoring import get_scorer
+from lwlora.selection.scoring import get_scorer
 
 
 def reference_linear_cka(x: np.ndarray, y: np.ndarray) -> float:

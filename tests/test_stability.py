@@ -7,17 +7,10 @@ import math
 import pytest
 import torch
 
-from lwlora.capture import BlockRepresentations
-from lwlora.policy import SelectionPolicy, select_blocks
-from lwlora.scoring import get_scorer
-from lwlora.stability import (
-    LayerStability,
-    StabilityReport,
-    bootstrap_stability,
-    kendall_tau,
-    plot_stability,
-    spearman,
-)
+from lwlora.selection.capture import BlockRepresentations
+from lwlora.selection.policy import SelectionPolicy, select_blocks
+from lwlora.selection.scoring import get_scorer
+from lwlora.selection.stability import LayerStability, StabilityReport, bootstrap_stability, kendall_tau, plot_stability, spearman
 
 N = 120
 
@@ -242,7 +235,7 @@ def test_report_json_round_trip_and_select_bootstrap(tiny_bert_dir, data_files, 
     import json
 
     from lwlora import cli
-    from lwlora.stability import StabilityReport
+    from lwlora.selection.stability import StabilityReport
 
     out = tmp_path / "sel"
     code = cli.main(["select", str(tiny_bert_dir), "--data", str(data_files.jsonl), "--out", str(out), "--num-samples", "24", "--num-layers", "1", "--pooling", "mean", "--bootstrap", "20", "--device", "cpu", "--no-progress"])

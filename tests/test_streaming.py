@@ -13,20 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lwlora import similarity
-from lwlora.capture import (
-    BlockRepresentations,
-    BlockStatistics,
-    capture_block_representations,
-)
+from lwlora.selection.capture import BlockRepresentations, BlockStatistics, capture_block_representations
 from lwlora.data import TextSamples
 from lwlora.errors import ConfigError
-from lwlora.scoring import get_scorer, score_pair
-from lwlora.select import (
-    SelectConfig,
-    capture_samples,
-    resolve_statistics,
-    score_representations,
-)
+from lwlora.selection.scoring import get_scorer, score_pair
+from lwlora.commands.select import SelectConfig
+from lwlora.selection.pipeline import capture_samples, resolve_statistics, score_representations
 from lwlora.streaming import CKAStatistics
 
 
@@ -350,7 +342,7 @@ def test_covariance_with_plain_cka_is_accepted_and_unknown_choices_are_not():
 
 def test_score_layers_refuses_covariance_for_a_row_scorer(tiny_llama_dir, samples):
     from lwlora.blocks import resolve_block_stack
-    from lwlora.select import score_layers
+    from lwlora.selection.pipeline import score_layers
 
     model, tokenizer = _load(tiny_llama_dir)
     with pytest.raises(ConfigError, match="--statistics"):
@@ -358,7 +350,7 @@ def test_score_layers_refuses_covariance_for_a_row_scorer(tiny_llama_dir, sample
 
 
 def test_train_config_checks_and_passes_statistics(monkeypatch):
-    from lwlora import select
+    import lwlora.selection.pipeline as pipeline
     from lwlora.training.config import TrainConfig
     from lwlora.training.layers import choose_layers
 
@@ -368,7 +360,7 @@ def test_train_config_checks_and_passes_statistics(monkeypatch):
         assert info.value.flag == "--statistics"
     TrainConfig(model="m", task="t", out="o", layers="all", statistics="covariance")  # nothing is measured
     seen = []
-    monkeypatch.setattr(select, "select_layers", lambda config, **kwargs: seen.append(config))
+    monkeypatch.setattr(pipeline, "select_on_model", lambda options, *args, **kwargs: seen.append(options))
 
     class Task:
         selection_texts = None
@@ -382,9 +374,9 @@ def test_train_config_checks_and_passes_statistics(monkeypatch):
 
 def test_near_identity_diagnostics_from_statistics_match_the_rows():
     """The re-scoring under the other feature normalisation works from statistics too."""
-    from lwlora.policy import SelectionPolicy, select_blocks
-    from lwlora.select import near_identity_diagnostics
-    from lwlora.selection import LayerRecord
+    from lwlora.selection.policy import SelectionPolicy, select_blocks
+    from lwlora.selection.pipeline import near_identity_diagnostics
+    from lwlora.selection.artifact import LayerRecord
 
     g = torch.Generator().manual_seed(3)
     blocks = []

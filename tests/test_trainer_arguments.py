@@ -23,3 +23,30 @@ def test_classification_evaluation_keeps_predictions_at_the_eval_batch(tmp_path)
     args = _training_arguments(_config(task="classification"), tmp_path, has_eval=True, device=torch.device("cpu"), causal_lm=False)
     assert args.prediction_loss_only is False
     assert args.per_device_eval_batch_size == 64
+
+
+def test_the_trainer_options_a_user_of_the_hf_trainer_expects_pass_through(tmp_path):
+    args = _training_arguments(_config(report_to="tensorboard", optim="adafactor", max_grad_norm=0.5), tmp_path, has_eval=False, device=torch.device("cpu"))
+    assert args.report_to == ["tensorboard"] and args.optim == "adafactor" and args.max_grad_norm == 0.5
+    assert _training_arguments(_config(), tmp_path, has_eval=False, device=torch.device("cpu")).report_to in ([], "none", ["none"])
+
+
+def test_callbacks_from_python_reach_the_trainer(tiny_bert_dir, tmp_path):
+    from conftest import write_jsonl
+    from transformers import TrainerCallback
+
+    from lwlora.training.trainer import train
+
+    data = tmp_path / "cls"
+    data.mkdir()
+    rows = [{"text": f"sample {i} is {'good' if i % 2 else 'bad'}", "label": i % 2} for i in range(16)]
+    write_jsonl(data / "train.jsonl", rows)
+    write_jsonl(data / "validation.jsonl", rows[:4])
+    steps = []
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append(state.global_step)
+
+    train(TrainConfig(model=str(tiny_bert_dir), task="classification", data=str(data), out=str(tmp_path / "run"), layers="last", num_layers=1, max_steps=3, batch_size=8, max_length=24, device="cpu", progress=False), callbacks=[Count()])
+    assert steps == [1, 2, 3]

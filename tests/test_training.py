@@ -193,15 +193,16 @@ def test_no_backward_below_the_lowest_adapted_block_and_checkpointing_keeps_grad
     from transformers import AutoModelForCausalLM
 
     from lwlora.blocks import resolve_block_stack
-    from lwlora.peft_bridge import apply_selection
-    from lwlora.training.layers import unscored_selection
+    from lwlora.adapters.placement import apply_selection
+    from lwlora.selection.artifact import rule_selection
+    from lwlora.selection.options import SelectOptions
     from lwlora.training.trainer import enable_gradient_checkpointing
 
     def gradients(with_checkpointing: bool):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
         stack = resolve_block_stack(model)
-        selection = unscored_selection(TrainConfig(model="m", task="t", out="o", layers="2", num_layers=None), stack, "decoder", [2], "explicit")
+        selection = rule_selection(SelectOptions(layers=(2,)), stack, "decoder", [2], "explicit", model_label="m")
         peft_model = apply_selection(model, selection, r=4)
         for name, param in peft_model.named_parameters():  # non-zero B so that A gets a gradient too
             if "lora_B" in name:
@@ -325,7 +326,7 @@ def test_newly_initialized_modules_before_the_head_are_trained(tiny_bert_dir, cl
 
     from transformers import AutoModel, AutoModelForSequenceClassification
 
-    from lwlora.training.trainer import newly_initialized_modules
+    from lwlora.training.loading import newly_initialized_modules
 
     no_pooler = tmp_path / "no-pooler"
     AutoModel.from_pretrained(tiny_bert_dir, add_pooling_layer=False).save_pretrained(no_pooler)

@@ -135,7 +135,7 @@ class _Recorder:
 
 
 def test_similarity_selection_runs_on_the_training_device(tiny_bert_dir, cls_dir, tmp_path, monkeypatch):
-    import lwlora.select as select_module
+    import lwlora.selection.pipeline as select_module
 
     recorder = _Recorder(monkeypatch, torch.device("cpu", 0))  # the "accelerator": the only device this test can run on
     monkeypatch.setattr(select_module, "capture_block_representations", recorder.spy("capture", select_module.capture_block_representations))
@@ -147,7 +147,7 @@ def test_similarity_selection_runs_on_the_training_device(tiny_bert_dir, cls_dir
 
 
 def test_gradient_selection_runs_on_the_training_device_in_the_training_precision(tiny_bert_dir, cls_dir, tmp_path, monkeypatch):
-    import lwlora.training.gradient_selection as gradient_module
+    import lwlora.selection.gradients as gradient_module
 
     recorder = _Recorder(monkeypatch, torch.device("cpu", 0))
     monkeypatch.setattr(gradient_module, "block_gradient_scores", recorder.spy("gradients", gradient_module.block_gradient_scores))
@@ -158,7 +158,7 @@ def test_gradient_selection_runs_on_the_training_device_in_the_training_precisio
 
 
 def test_importance_ranks_measure_on_the_training_device(tiny_bert_dir, cls_dir, tmp_path, monkeypatch):
-    import lwlora.select as select_module
+    import lwlora.selection.pipeline as select_module
 
     recorder = _Recorder(monkeypatch, torch.device("cpu", 0))
     monkeypatch.setattr(select_module, "capture_block_representations", recorder.spy("capture", select_module.capture_block_representations))

@@ -10,9 +10,9 @@ from tiny_models import LOW_TOKEN, build
 
 from lwlora import cli
 from lwlora.blocks import resolve_block_stack
-from lwlora.capture import capture_block_representations
+from lwlora.selection.capture import capture_block_representations
 from lwlora.errors import ConfigError
-from lwlora.units import mlp_entries, part_of, unit_modules
+from lwlora.selection.units import mlp_entries, part_of, unit_modules
 
 # (table id, how the block's output follows from the residual stream between its halves, per token)
 PRE_NORM = {
@@ -122,9 +122,9 @@ def test_a_unit_selection_adapts_exactly_its_units_and_verify_checks_them(tiny_l
     from peft import PeftModel
     from transformers import AutoModel
 
-    from lwlora.peft_bridge import AdapterPlacementError, adapted_module_names, apply_selection, verify
-    from lwlora.selection import LayerSelection
-    from lwlora.units import part_of as part
+    from lwlora.adapters.placement import AdapterPlacementError, adapted_module_names, apply_selection, verify
+    from lwlora.selection.artifact import LayerSelection
+    from lwlora.selection.units import part_of as part
 
     out = tmp_path / "sel"
     assert _select(tiny_llama_dir, data_files.jsonl, out) == 0

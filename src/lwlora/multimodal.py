@@ -236,7 +236,7 @@ def encode(processor: Any, prompts: Sequence[str], images: Sequence[Any], *, sid
 def image_text_batches(processor: Any, samples: ImageTextSamples, *, batch_size: int, model: Any = None) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
     """Model inputs for ``samples`` in batches of similar text length (less padding), right-padded,
     and the sample order used (row j of the concatenated batches is sample ``order[j]``)."""
-    from lwlora.select import _forward_keys
+    from lwlora.batching import forward_keys as _forward_keys
 
     texts = [build_prompt(processor, t) + (samples.responses[i] if samples.responses else "") for i, t in enumerate(samples.texts)]
     order = sorted(range(len(texts)), key=lambda i: (-len(texts[i]), i))

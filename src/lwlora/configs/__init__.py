@@ -32,4 +32,25 @@ def load_config(name_or_path: str) -> tuple[dict[str, Any], str]:
         raise ConfigError("--config", f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError("--config", f"{path}: expected a mapping of options at the top level")
-    return data, str(path)
+    return resolve_paths(data, path.parent), str(path)
+
+
+#: the keys whose relative paths are read against the config file's folder
+PATH_KEYS = ("data", "selection")
+
+
+def resolve_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``data`` with each relative path of :data:`PATH_KEYS` read against ``folder`` (the config
+    file's) when it names something there, so a config runs from any working directory; a value
+    that names nothing there (a Hub dataset such as ``nyu-mll/glue:rte``, or a path relative to the
+    working directory) is kept as written. A ``DIR:split`` spec resolves its ``DIR``."""
+    resolved = dict(data)
+    for key in PATH_KEYS:
+        value = resolved.get(key)
+        if not isinstance(value, str) or not value or Path(value).is_absolute():
+            continue
+        base, sep, split = value.partition(":") if ":" in value and not (folder / value).exists() else (value, "", "")
+        candidate = folder / base
+        if candidate.exists():
+            resolved[key] = str(candidate.resolve()) + (sep + split if sep else "")
+    return resolved

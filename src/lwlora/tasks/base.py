@@ -224,3 +224,13 @@ def load_hub_dataset(path: str, *, flag: str = "--data", what: str = "", **kwarg
         args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         hint = f" {what}" if what else ""
         raise ConfigError(flag, f"could not load Hub dataset {path!r} ({args}){hint}: {first_line(exc)}") from None
+
+
+def probe_batches(task: Any, *, num_samples: int, batch_size: int, seed: int) -> list[dict[str, Any]]:
+    """``num_samples`` training examples of ``task`` (all if fewer), drawn with ``seed``, collated
+    in batches: the labelled inputs of the gradient scorers, EVA's initialisation and the
+    warm-up pruning score."""
+    total = len(task.train)
+    indices = sorted(random.Random(seed).sample(range(total), min(num_samples, total)))
+    rows = [task.train[i] for i in indices]
+    return [task.data_collator(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)]

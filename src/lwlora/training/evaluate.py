@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from lwlora.errors import ConfigError
+from lwlora.fields import check_at_least, coerce_fields, option
 
 
 def evaluate_classification(model: nn.Module, task: Any, *, batch_size: int = 32, progress: bool = True) -> dict[str, dict[str, float]]:
@@ -80,7 +82,7 @@ def evaluate(target: str, *, task: str | None = None, data: str | None = None, m
 
     from lwlora.tasks import load_task
     from lwlora.training.config import TrainConfig
-    from lwlora.training.trainer import load_tokenizer, load_training_model
+    from lwlora.training.loading import load_task_model, load_tokenizer
 
     path = Path(target)
     run = path if (path / "train_config.json").is_file() else None
@@ -98,13 +100,13 @@ def evaluate(target: str, *, task: str | None = None, data: str | None = None, m
         if task is None:
             raise ConfigError("--task", "is required when evaluating a model rather than a run directory")
         config = TrainConfig(model=target, task=task, out="-", data=data, max_eval_samples=max_eval_samples, eval_splits=eval_splits, gguf_file=gguf_file)
-    tokenizer, source, resolved_gguf = load_tokenizer(config)
+    tokenizer, source, resolved_gguf = load_tokenizer(config.model, task=config.task, gguf_file=config.gguf_file, trust_remote_code=config.trust_remote_code)
     prepared = load_task(config.task, tokenizer, data=config.data, text_column=config.text_column, text_pair_column=config.text_pair_column, label_column=config.label_column,
         instruction_field=config.instruction_field,
         output_field=config.output_field, max_length=config.max_length, max_train_samples=1, max_eval_samples=config.max_eval_samples, eval_splits=config.eval_splits, selection_samples=1, seed=config.seed)
     if run is not None and config.method == "full":
         source, resolved_gguf = str(run / "model"), None
-    model = load_training_model(config, source, resolved_gguf, prepared, tokenizer)
+    model = load_task_model(config.model, source, resolved_gguf, prepared, tokenizer, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
     if run is not None and config.method != "full":
         adapter = run / "adapter"
         if not adapter.is_dir():
@@ -113,3 +115,43 @@ def evaluate(target: str, *, task: str | None = None, data: str | None = None, m
     if torch.cuda.is_available():
         model.to("cuda")
     return evaluate_task(model, tokenizer, prepared, batch_size=batch_size, max_new_tokens=max_new_tokens or config.max_new_tokens, choice_mode=choice_mode, progress=progress)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What ``lwlora eval`` takes (each field a flag of the same name)."""
+
+    target: str = option(help="a run directory written by lwlora train, or a model")
+    task: str | None = option(None, "task (default: the run's; required for a model)")
+    data: str | None = option(None, "data override")
+    gguf_file: str | None = option(None, "GGUF file inside MODEL")
+    max_eval_samples: int | None = option(None, "evaluate on at most this many examples per split")
+    eval_splits: str | None = option(None, "comma-separated splits of a --data directory (default: the run's, else the first of validation, test)")
+    batch_size: int = option(8, "evaluation (generation) batch")
+    max_new_tokens: int | None = option(None, "tokens generated per answer (default: the run's, else 256)")
+    choice_mode: Literal["letter", "loglik"] = option("letter", "multiple choice: letter (generated) or loglik (most likely option letter)")
+    out: str | None = option(None, "write the results as JSON here (default: RUN/eval.json for a run)")
+    progress: bool = option(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        check_at_least("--batch-size", self.batch_size)
+        check_at_least("--max-eval-samples", self.max_eval_samples)
+        check_at_least("--max-new-tokens", self.max_new_tokens)
+
+
+def run(config: EvalConfig) -> int:
+    """``lwlora eval``: check where the results go, evaluate, print and write them."""
+    from lwlora.io import atomic_write_json, check_output_file
+
+    is_run = (Path(config.target) / "train_config.json").is_file()
+    out = config.out or (str(Path(config.target) / "eval.json") if is_run else None)
+    if out:
+        check_output_file(out, "--out")  # before the model is loaded
+    results = evaluate(config.target, task=config.task, data=config.data, max_eval_samples=config.max_eval_samples, eval_splits=config.eval_splits, batch_size=config.batch_size,
+                       max_new_tokens=config.max_new_tokens, choice_mode=config.choice_mode, progress=config.progress, gguf_file=config.gguf_file)
+    print(json.dumps(results, indent=2))
+    if out:
+        atomic_write_json(out, results)
+        print(f"wrote {out}")
+    return 0

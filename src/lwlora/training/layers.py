@@ -1,7 +1,7 @@
 """Which blocks a training run adapts (``lwlora train --layers``), as a ``LayerSelection``.
 
-- ``cka``: measured, by ``lwlora.select`` on the task's own training inputs (the paper's method;
-  ``--scorer`` picks the similarity); any scorer name directly: ``cka-debiased``, ``bi``,
+- ``cka``: measured by the selection pipeline on the task's own training inputs (the paper's
+  method; ``--scorer`` picks the similarity); any scorer name directly: ``cka-debiased``, ``bi``,
   ``angular``, and the gradient scores ``fim`` / ``gradnorm`` (on the task's labelled inputs);
 - ``all``: every block (all-layer LoRA, the paper's main baseline);
 - ``random``: k blocks drawn with ``--seed``; ``first`` / ``last``: the k lowest / highest blocks;
@@ -12,88 +12,35 @@ k is floor(ratio × L) with ``--ratio`` (default 0.5) or ``--num-layers``.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import dataclasses
 from typing import Any
 
 from torch import nn
 
 from lwlora.blocks import BlockStack
-from lwlora.data import TextSamples
 from lwlora.errors import ConfigError
-from lwlora.gradient_scores import GRADIENT_SCORERS
-from lwlora.policy import RULES, SelectionPolicy, rule_blocks, select_blocks
-from lwlora.selection import LayerRecord, LayerSelection
+from lwlora.selection.artifact import LayerSelection, rule_selection
+from lwlora.selection.options import GRADIENT_SCORERS, SelectOptions
+from lwlora.selection.policy import SelectionPolicy, rule_blocks, select_blocks
 
 
-def unscored_selection(config: Any, stack: BlockStack, model_kind: str, selected: list[int], rule: str) -> LayerSelection:
-    """A ``LayerSelection`` made by a rule rather than by scores (every importance ``None``)."""
-    from lwlora.budget import selection_cost
-    from lwlora.select import adapter_targets, library_versions
+def measure(config: Any, model: nn.Module, tokenizer: Any, model_kind: str, samples: Any, *, options: SelectOptions | None = None) -> LayerSelection:
+    """The selection pipeline with the run's options (or ``options``), on the task's samples."""
+    from lwlora.selection.pipeline import select_on_model
 
-    suffixes, exact = adapter_targets(stack, config.target_modules)
-    return LayerSelection(
-        model=config.model,
-        gguf_file=config.gguf_file,
-        model_kind=model_kind,
-        layers_path=stack.path,
-        tower=stack.tower,
-        num_layers=stack.num_layers,
-        block_linear_modules=stack.block_linear_modules(),
-        scorer=rule,
-        similarity_name="none",
-        pooling="none",
-        layers=[LayerRecord(index=i, cka=None, similarity=None, importance=None, degenerate=False) for i in range(stack.num_layers)],
-        selected=selected,
-        policy={"rule": rule, "ratio": config.ratio, "num_layers": config.num_layers, "seed": config.seed},
-        cost=selection_cost(stack, selected, suffixes, config.r, exact=exact, seq_len=config.max_length).to_json(),
-        versions=library_versions(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
+    return select_on_model(options or config.options, model, tokenizer, samples, model_label=config.model, data_label=config.data or config.task, model_kind=model_kind, gguf_file=config.gguf_file, progress=config.progress)
 
 
-def _similarity_selection(config: Any, model: nn.Module, tokenizer: Any, model_kind: str, samples: TextSamples, *, scorer: str) -> LayerSelection:
-    """``lwlora select`` with the run's selection options, on the task's own training inputs."""
-    from lwlora.select import SelectConfig, select_layers
-
-    select_config = SelectConfig(
-        model=config.model,
-        data=config.data or config.task,
-        num_samples=config.num_samples,
-        ratio=config.ratio,
-        num_layers=config.num_layers,
-        scorer=scorer,
-        pooling=config.pooling,
-        feature_norm=config.feature_norm,
-        degenerate_fallback=config.degenerate_fallback,
-        statistics=config.statistics,
-        granularity=config.granularity,
-        param_budget=config.param_budget,
-        auto=config.auto,
-        prefer_shallow=config.prefer_shallow,
-        r=config.r,
-        target_modules=config.target_modules,
-        batch_size=config.select_batch_size,
-        max_length=config.max_length,
-        gguf_file=config.gguf_file,
-        layers_path=config.layers_path,
-        tower=config.tower,
-        preset=config.preset,
-        seed=config.seed,
-        progress=config.progress,
-    )
-    return select_layers(select_config, model=model, tokenizer=tokenizer, model_kind=model_kind, samples=samples)
+def measure_every_block(config: Any, model: nn.Module, tokenizer: Any, model_kind: str, samples: Any, num_layers: int) -> LayerSelection:
+    """Every block scored by the run's similarity ``--scorer`` (the importances of
+    ``--rank-allocation importance`` and ``--dynamic-blocks``), whatever the run's rule."""
+    options = dataclasses.replace(config.options, rule="top", layers=None, ratio=None, num_layers=num_layers, param_budget=None, auto=False, prefer_shallow=None, granularity="block", preset=None)
+    return measure(config, model, tokenizer, model_kind, samples, options=options)
 
 
-def choose_layers(
-    config: Any,
-    model: nn.Module,
-    tokenizer: Any,
-    stack: BlockStack,
-    model_kind: str,
-    task: Any,
-) -> LayerSelection:
-    """Resolve ``config.selection`` / ``config.layers`` (see the module docstring) on ``stack``."""
-    samples = task.selection_texts
+def choose_layers(config: Any, model: nn.Module, tokenizer: Any, stack: BlockStack, model_kind: str, task: Any) -> LayerSelection:
+    """Resolve ``config.selection`` / ``--layers`` (see the module docstring) on ``stack``."""
+    options = config.options
     num_layers = stack.num_layers
     if config.selection is not None:
         try:
@@ -103,16 +50,16 @@ def choose_layers(
         if selection.num_layers != num_layers:
             raise ConfigError("--selection", f"{config.selection} is for {selection.num_layers} blocks; this model has {num_layers}")
         return selection
-    if config.layers == "cka":
-        return _similarity_selection(config, model, tokenizer, model_kind, samples, scorer=config.scorer)
-    if config.layer_indices is not None:
-        selected, _ = select_blocks([None] * num_layers, SelectionPolicy(layers=config.layer_indices))
-        return unscored_selection(config, stack, model_kind, selected, "explicit")
-    policy = SelectionPolicy(ratio=config.ratio, num_layers=config.num_layers)
-    if config.layers in RULES:
-        return unscored_selection(config, stack, model_kind, rule_blocks(config.layers, num_layers, policy, seed=config.seed), config.layers)
-    if config.layers in GRADIENT_SCORERS:
-        from lwlora.training.gradient_selection import gradient_selection
+    if options.layers is not None:  # exactly these blocks: nothing to measure
+        selected, _ = select_blocks([None] * num_layers, SelectionPolicy(layers=options.layers))
+        return rule_selection(options, stack, model_kind, selected, "explicit", model_label=config.model, gguf_file=config.gguf_file)
+    if not options.measures:
+        policy = SelectionPolicy(ratio=options.ratio, num_layers=options.num_layers)
+        return rule_selection(options, stack, model_kind, rule_blocks(options.rule, num_layers, policy, seed=options.seed), options.rule, model_label=config.model, gguf_file=config.gguf_file)
+    if options.scorer in GRADIENT_SCORERS:
+        from lwlora.selection.gradients import gradient_selection
+        from lwlora.tasks.base import probe_batches
 
-        return gradient_selection(config, model, task, stack, model_kind, policy)
-    return _similarity_selection(config, model, tokenizer, model_kind, samples, scorer=config.layers)
+        batches = probe_batches(task, num_samples=options.num_samples, batch_size=options.batch_size, seed=options.seed)
+        return gradient_selection(options, model, stack, batches, model_kind=model_kind, model_label=config.model, data_label=config.data or config.task, gguf_file=config.gguf_file, progress=config.progress)
+    return measure(config, model, tokenizer, model_kind, task.selection_texts)

@@ -44,7 +44,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from lwlora.blocks import get_module
-from lwlora.peft_bridge import AdapterPlacementError, outside_blocks_regex, target_regex
+from lwlora.adapters.placement import AdapterPlacementError, outside_blocks_regex, target_regex
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -332,7 +332,7 @@ def _block_relative(name: str, prefix: str) -> tuple[int, str]:
 
 def kept_target_regex(stack_path: str, adapted: Mapping[int, Iterable[str]]) -> str:
     """``target_modules`` full-matching exactly ``stack_path.<i>.<name>`` for each block i and
-    block-relative module name of ``adapted`` (lwlora's :func:`~lwlora.peft_bridge.target_regex`
+    block-relative module name of ``adapted`` (lwlora's :func:`~lwlora.adapters.placement.target_regex`
     style, anchored and exact; blocks with different module sets get one alternative each)."""
     by_names: dict[tuple[str, ...], list[int]] = {}
     for index, names in sorted(adapted.items()):

@@ -58,96 +58,6 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def load_tokenizer(config: TrainConfig):
-    from transformers import AutoTokenizer
-
-    from lwlora.models import prepare_tokenizer, resolve_model_source
-    from lwlora.tasks.presets import IMAGE_TASKS
-
-    source, gguf_file = resolve_model_source(config.model, config.gguf_file)
-    if config.task in IMAGE_TASKS:  # the model's processor stands in for the tokenizer
-        from lwlora.multimodal import load_processor
-
-        if gguf_file:
-            raise ConfigError("--gguf-file", f"{config.task} needs a transformers checkpoint with a processor, not a GGUF file")
-        return load_processor(source, trust_remote_code=config.trust_remote_code), source, None
-    kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except Exception as exc:  # noqa: BLE001
-        raise ConfigError("MODEL", f"cannot load a tokenizer from {config.model!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    return prepare_tokenizer(tokenizer), source, gguf_file
-
-
-def load_training_model(config: TrainConfig, source: str, gguf_file: str | None, task: Any, tokenizer: Any) -> nn.Module:
-    """The model with the head the task needs: sequence classification/regression, causal LM, or
-    image-text-to-text (a vision-language model) for image tasks."""
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForImageTextToText,
-        AutoModelForSequenceClassification,
-    )
-
-    from lwlora.models import DTYPES, forget_gguf_quantization
-
-    if config.dtype not in DTYPES:
-        raise ConfigError("--dtype", f"unknown dtype {config.dtype!r}; choose one of auto, float32, bfloat16, float16")
-    kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code, "dtype": DTYPES[config.dtype]}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    try:
-        if getattr(task, "processor", None) is not None:
-            model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
-        elif task.kind == "causal_lm":
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        else:
-            extra: dict[str, Any] = {"num_labels": task.num_labels}
-            if task.kind == "regression":
-                extra["problem_type"] = "regression"
-            elif task.label_names:
-                extra["id2label"] = dict(enumerate(task.label_names))
-                extra["label2id"] = {name: i for i, name in enumerate(task.label_names)}
-            model, loading = AutoModelForSequenceClassification.from_pretrained(source, **kwargs, **extra, output_loading_info=True)
-            model.lwlora_new_head_modules = newly_initialized_modules(model, loading.get("missing_keys", ()))
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise ConfigError("MODEL", f"cannot load {config.model!r} for {task.kind}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    if gguf_file:
-        forget_gguf_quantization(model)
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = getattr(tokenizer, "tokenizer", tokenizer).pad_token_id
-    return model
-
-
-#: the heads PEFT's SEQ_CLS task type trains in full already
-PEFT_SEQ_CLS_HEADS = ("classifier", "score")
-
-
-def newly_initialized_modules(model: nn.Module, missing_keys: Any) -> tuple[str, ...]:
-    """Modules outside the block stack whose weights the checkpoint lacked (randomly initialised:
-    a pooler, a pre-classifier), other than the head PEFT trains anyway. A random layer that stays
-    frozen between the blocks and the classifier only hurts, so these are trained in full.
-
-    ``missing_keys``: parameter names from ``from_pretrained(..., output_loading_info=True)``."""
-    from lwlora.blocks import find_block_stacks
-
-    stacks = [stack.path + "." for stack in find_block_stacks(model)]
-    parameters = {name for name, _ in model.named_parameters()}
-    modules = []
-    for key in sorted(missing_keys):
-        path = key.rsplit(".", 1)[0] if "." in key else ""
-        # parameters only (a missing buffer is not a random layer), outside the blocks
-        if not path or key not in parameters or any(key.startswith(prefix) for prefix in stacks):
-            continue
-        if any(path == head or path.startswith(head + ".") or path.endswith("." + head) for head in PEFT_SEQ_CLS_HEADS):
-            continue
-        modules.append(path)
-    return tuple(dict.fromkeys(modules))
-
-
 def check_modules_to_save(model: nn.Module, names: list[str]) -> None:
     """Every ``--modules-to-save`` name must be a module of ``model`` (matched as PEFT does: the
     whole dotted name or its last components), or PEFT would silently train nothing extra."""
@@ -221,7 +131,10 @@ def _training_arguments(config: TrainConfig, run: Path, has_eval: bool, device: 
         eval_strategy=strategy if has_eval else "no",
         save_strategy="steps" if config.save_every else "epoch",
         save_total_limit=1,
-        report_to=[],
+        report_to=[] if config.report_to.strip() == "none" else [part.strip() for part in config.report_to.split(",") if part.strip()],
+        optim=config.optim,
+        max_grad_norm=config.max_grad_norm,
+        deepspeed=config.deepspeed,
         disable_tqdm=not config.progress,
         remove_unused_columns=False,
         label_names=["labels"],
@@ -284,13 +197,8 @@ def plan_ranks(config: TrainConfig, selection: Any, stack: Any, model: nn.Module
     """The adapter ranks of a run: uniform ``--r``; with ``--budget-from-ratio`` (and ``--layers
     all``) the rank that gives every block the parameters of floor(ratio × L) blocks at ``--r``;
     with ``--rank-allocation importance`` per-block ranks growing with importance at the same
-    total (Σ r_i = r × selected blocks; lwlora.budget.importance_rank_pattern), α/r kept."""
-    from lwlora.budget import (
-        alpha_pattern_for_peft,
-        equal_budget_rank,
-        importance_rank_pattern,
-        rank_pattern_for_peft,
-    )
+    total (Σ r_i = r × selected blocks; lwlora.adapters.ranks.importance_rank_pattern), α/r kept."""
+    from lwlora.adapters.ranks import alpha_pattern_for_peft, equal_budget_rank, importance_rank_pattern, rank_pattern_for_peft
 
     r = config.r
     alpha = 2 * config.r if config.alpha is None else config.alpha
@@ -302,9 +210,9 @@ def plan_ranks(config: TrainConfig, selection: Any, stack: Any, model: nn.Module
     if config.rank_allocation == "importance":
         importances = selection.importances
         if all(importances[i] is None for i in selection.selected):  # a rule-made selection: measure
-            from lwlora.training.layers import _similarity_selection
+            from lwlora.training.layers import measure_every_block
 
-            scored = _similarity_selection(dataclasses.replace(config, ratio=None, num_layers=stack.num_layers), model, tokenizer, model_kind, task.selection_texts, scorer=config.scorer)
+            scored = measure_every_block(config, model, tokenizer, model_kind, task.selection_texts, stack.num_layers)
             importances = scored.importances
             selection.diagnostics["rank_allocation_scores"] = {"scorer": config.scorer, "importances": importances}
         ranks = importance_rank_pattern(importances, selection.selected, r * len(selection.selected))
@@ -321,6 +229,7 @@ def fit_lengths(config: TrainConfig, source: str, gguf_file: str | None, tokeniz
     from transformers import AutoConfig
 
     from lwlora.models import fit_max_length
+    from lwlora.selection.pipeline import DEFAULT_MAX_LENGTH
     from lwlora.tasks.presets import IMAGE_TASKS
 
     if config.task in IMAGE_TASKS:
@@ -332,7 +241,7 @@ def fit_lengths(config: TrainConfig, source: str, gguf_file: str | None, tokeniz
         model_config = AutoConfig.from_pretrained(source, **kwargs)
     except Exception as exc:  # noqa: BLE001 - an unreadable MODEL
         raise ConfigError("MODEL", f"cannot read the config of {config.model!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    asked = config.max_length != TrainConfig.__dataclass_fields__["max_length"].default
+    asked = config.max_length != DEFAULT_MAX_LENGTH
     fitted = fit_max_length(config.max_length, model_config, tokenizer, pair=config.text_pair_column is not None, asked=asked)
     return config if fitted == config.max_length else dataclasses.replace(config, max_length=fitted)
 
@@ -349,7 +258,7 @@ def warmup_pruner(config: TrainConfig, task: Any, stack: Any, planned: int, devi
     """``--prune-at``: the WarmupPrune callback (lwlora.training.prune) that keeps floor(ratio x L)
     (``--ratio``, default 0.5) or ``--num-layers`` blocks at step ``prune_at`` (a share of the
     planned steps below 1, else a step), scored on ``--num-samples`` training examples."""
-    from lwlora.training.gradient_selection import probe_batches
+    from lwlora.tasks.base import probe_batches
     from lwlora.training.prune import WarmupPrune
 
     keep = config.num_layers or max(1, math.floor((config.ratio if config.ratio is not None else 0.5) * stack.num_layers))
@@ -366,12 +275,12 @@ def dynamic_sampler(config: TrainConfig, model: nn.Module, tokenizer: Any, stack
     steps with probabilities from the blocks' importances, measured here with ``--scorer`` on the
     task's selection samples (recorded in ``selection.diagnostics["dynamic"]``)."""
     from lwlora.training.dynamic import DynamicBlocks, block_probabilities
-    from lwlora.training.layers import _similarity_selection
+    from lwlora.training.layers import measure_every_block
 
     k = max(1, math.floor(config.dynamic_blocks * stack.num_layers)) if config.dynamic_blocks < 1 else int(config.dynamic_blocks)
     if k > stack.num_layers:
         raise ConfigError("--dynamic-blocks", f"{k} blocks at a time, but the model has {stack.num_layers}")
-    scored = _similarity_selection(dataclasses.replace(config, ratio=None, num_layers=stack.num_layers, dynamic_blocks=None, layers="cka"), model.get_base_model(), tokenizer, model_kind, task.selection_texts, scorer=config.scorer)
+    scored = measure_every_block(config, model.get_base_model(), tokenizer, model_kind, task.selection_texts, stack.num_layers)
     importances = scored.importances
     selection.diagnostics["dynamic"] = {"k": k, "every": config.dynamic_every, "floor": config.dynamic_floor, "scorer": config.scorer, "importances": importances,
                                         "probabilities": [float(p) for p in block_probabilities(importances, config.dynamic_floor)]}
@@ -382,7 +291,7 @@ def pruned_selection(selection: Any, pruner: Any, saved_state: dict[str, Any] | 
     """The run's selection once WarmupPrune kept its blocks: those blocks, each block's score
     (the size of its adapters' updates at the prune step) as its importance, and the pruning's
     step and counts in ``diagnostics["prune"]``."""
-    from lwlora.selection import LayerRecord
+    from lwlora.selection.artifact import LayerRecord
 
     scores = pruner.scores or [None] * selection.num_layers
     total = sum(s for s in scores if s is not None) or 1.0
@@ -433,12 +342,14 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
 
     from lwlora.blocks import resolve_block_stack
     from lwlora.models import infer_model_kind
-    from lwlora.peft_bridge import apply_selection, verify
-    from lwlora.selection import LayerSelection
+    from lwlora.adapters.placement import apply_selection, verify
+    from lwlora.selection.artifact import LayerSelection
     from lwlora.tasks import load_task
     from lwlora.training.callbacks import DivergenceGuard, RunLoss, check_finite
     from lwlora.training.device import compute_context, place_model, resolve_training_device
-    from lwlora.training.layers import choose_layers, unscored_selection
+    from lwlora.selection.artifact import rule_selection
+    from lwlora.training.layers import choose_layers
+    from lwlora.training.loading import load_task_model, load_tokenizer
     from lwlora.training.report import plot_loss_curve, summarise_history
 
     device = resolve_training_device(config.device)  # a missing GPU fails here, before anything else
@@ -449,7 +360,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
     place: RunPlace = prepare_run_dir(config.out, config.identity(), resume=config.resume, overwrite=config.overwrite) if main_process else plan_run_dir(config.out, overwrite=config.overwrite)
     run = place.work
     set_seed(config.seed)
-    tokenizer, source, gguf_file = load_tokenizer(config)
+    tokenizer, source, gguf_file = load_tokenizer(config.model, task=config.task, gguf_file=config.gguf_file, trust_remote_code=config.trust_remote_code)
     asked = config  # what RUN/train_config.json records (and --resume compares), before lengths are fitted
     config = fit_lengths(config, source, gguf_file, tokenizer)
     task = load_task(
@@ -471,7 +382,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
     )
     if len(task.train) == 0:
         raise ConfigError("--data", f"task {config.task} has an empty training split")
-    model = load_training_model(config, source, gguf_file, task, tokenizer)
+    model = load_task_model(config.model, source, gguf_file, task, tokenizer, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
     # The selection runs on the training device in the training precision; the Trainer then finds
     # the model where it would put it and moves nothing.
     place_model(model, device)
@@ -482,7 +393,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
     if config.resume and selection_path.is_file():
         selection = LayerSelection.load(selection_path)
     elif config.method == "full":
-        selection = unscored_selection(config, stack, model_kind, list(range(stack.num_layers)), "all")
+        selection = rule_selection(config.options, stack, model_kind, list(range(stack.num_layers)), "all", model_label=config.model, gguf_file=config.gguf_file)
     else:
         with compute_context(device, bf16=config.bf16, fp16=config.fp16):
             selection = choose_layers(config, model, tokenizer, stack, model_kind, task)
@@ -506,7 +417,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
         extra_modules = extra_modules or None
         eva = {}
         if config.method == "eva":  # EVA initialises the adapters from the layers' inputs on training examples
-            from lwlora.training.gradient_selection import probe_batches
+            from lwlora.tasks.base import probe_batches
 
             batches = probe_batches(task, num_samples=config.num_samples, batch_size=config.select_batch_size, seed=config.seed)
             eva = {"init_batches": [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches], "eva_rho": config.eva_rho}
@@ -547,6 +458,12 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
         callbacks=[guard, run_loss, *(c for c in (pruner, sampler) if c is not None), *(callbacks or [])],
     )
     trainer.run_loss = run_loss
+    untuned: dict[str, Any] = {}
+    if config.eval_untuned and task.kind == "causal_lm" and task.eval_examples and main_process and saved_state is None:
+        from lwlora.training.evaluate import evaluate_task
+
+        # adapters at initialisation leave the function unchanged (B = 0; PiSSA/EVA keep base + adapter equal to the base)
+        untuned = evaluate_task(model, tokenizer, task, batch_size=config.eval_batch_size or config.batch_size, max_new_tokens=config.max_new_tokens, choice_mode=config.choice_mode, progress=config.progress)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -626,8 +543,13 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
         },
         **summarise_history(history),
         "final": final,
+        **({"untuned": untuned} if untuned else {}),
     }
     atomic_write_json(run / "metrics.json", _json_safe(metrics))
+    if weights == "adapter":  # the base model as the user named it, and a model card of what was trained
+        from lwlora.adapters.card import finish_adapter
+
+        finish_adapter(run / weights, model=config.model, gguf_file=gguf_file, selection=selection, metrics=_json_safe(metrics), task=config.task, method=config.method)
     plot_loss_curve(history, run / "loss_curve.png", title=f"{config.task} · {config.method} · blocks {selection.selected}")
     target = finish_run(place)  # an overwriting run replaces the old one only now, complete
     return TrainResult(run_dir=target, metrics=metrics, selection=selection, model=model, tokenizer=tokenizer, task=task)
@@ -647,21 +569,21 @@ def plan_r(model: nn.Module) -> int | None:
 
 
 def run_cost(config: TrainConfig, selection: Any, model: nn.Module, params: dict[str, int], ranks: dict[int, int] | None) -> dict[str, Any]:
-    """lwlora.budget.SelectionCost of the trained selection, with the run's real head size."""
-    from lwlora.budget import selection_cost
-    from lwlora.select import adapter_targets
+    """lwlora.selection.cost.SelectionCost of the trained selection, with the run's real head size."""
+    from lwlora.selection.cost import selection_cost
+    from lwlora.selection.cost import adapter_targets
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if config.method == "full":
         return {"full_fine_tuning": True, "trainable_params": params["trainable"]}
-    from lwlora.peft_bridge import locate_stack
+    from lwlora.adapters.placement import locate_stack
 
     stack = locate_stack(base, selection)
     suffixes, exact = adapter_targets(stack, config.target_modules)
     r = plan_r(model) or config.r
     cost = selection_cost(stack, selection.selected, suffixes, r, exact=exact, head_params=params["head"], hidden_size=getattr(base.config, "hidden_size", None), seq_len=config.max_length, batch_size=config.batch_size, rank_pattern=ranks)
     if selection.units is not None:  # recounted over the adapted units, not whole blocks
-        from lwlora.units import unit_cost, unit_params
+        from lwlora.selection.units import unit_cost, unit_params
 
         names = suffixes if exact else [n for n in stack.block_linear_modules() if any(n == t or n.endswith("." + t) for t in suffixes)]
         chosen = [2 * u["block"] + (0 if u["part"] == "attention" else 1) for u in selection.units if u["selected"]]

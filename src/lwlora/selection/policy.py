@@ -13,13 +13,24 @@ Rules (``SelectionPolicy``):
 The ``paper`` preset reproduces the reference scripts: encoders never select block 0 (their CLS at
 the embedding output is constant, so the scripts drop the top-ranked block, which is block 0);
 decoders exclude nothing; ties go to the higher index.
+
+Budgets replace the count:
+
+- **by parameters** (:func:`select_by_param_budget`): budget ``B ≤ 1`` is a fraction of the
+  all-layer adapter parameters, ``B > 1`` an absolute count; blocks are visited by importance
+  (:func:`rank_blocks`) and taken while the running total stays ``≤ B``; a block that does not fit
+  is skipped, a later smaller one may still fit;
+- **automatic count** (:func:`auto_count`, :func:`knee_curve`): the point of the descending
+  importance curve farthest from its chord, in normalised coordinates;
+- **shallow preference** (:func:`prefer_shallow`): trade a bounded loss of total importance for a
+  higher lowest adapted block (a shorter backward pass).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from lwlora.errors import ConfigError
@@ -197,3 +208,143 @@ def rule_blocks(rule: str, num_layers: int, policy: SelectionPolicy, *, seed: in
     if rule == "random":
         return sorted(random.Random(seed).sample(range(num_layers), count))
     raise ConfigError("--layers", f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Budgets: by parameters, by the knee of the importance curve, preferring a shallow backward
+# ---------------------------------------------------------------------------------------------
+
+
+def budget_in_params(budget: float, block_params: Sequence[int], *, all_layer_params: int | None = None) -> float:
+    """The budget in parameters: ``budget × A`` for ``budget ≤ 1`` (``A`` = ``all_layer_params``,
+    default ``Σ block_params``), else ``budget`` itself."""
+    if not budget > 0:
+        raise ValueError(f"budget must be positive, got {budget}")
+    if budget <= 1.0:
+        total = sum(block_params) if all_layer_params is None else all_layer_params
+        return budget * total
+    return float(budget)
+
+
+def select_by_param_budget(
+    importances: Sequence[float | None],
+    block_params: Sequence[int],
+    budget: float,
+    *,
+    all_layer_params: int | None = None,
+    tie_break: TieBreak = "lower-index",
+) -> list[int]:
+    """Most important blocks whose adapter parameters fit in ``budget`` (sorted indices).
+
+    ``budget ≤ 1``: fraction of ``all_layer_params`` (default ``Σ block_params``); ``> 1``: an
+    absolute parameter count. Greedy in importance order (``rank_blocks``: highest first, ``None``
+    last, ties by ``tie_break``): block ``i`` is taken iff ``total + P_i ≤ B``; the total never
+    exceeds ``B``; skipped blocks do not stop the scan.
+
+    Raises:
+        ValueError: ``budget ≤ 0``, mismatched lengths, negative counts, or no block fits.
+    """
+    if len(importances) != len(block_params):
+        raise ValueError(f"{len(importances)} importances for {len(block_params)} block parameter counts")
+    if any(p < 0 for p in block_params):
+        raise ValueError("block parameter counts must be non-negative")
+    limit = budget_in_params(budget, block_params, all_layer_params=all_layer_params)
+    chosen: list[int] = []
+    total = 0
+    for index in rank_blocks(importances, tie_break):
+        if total + block_params[index] <= limit:
+            chosen.append(index)
+            total += block_params[index]
+    if not chosen:
+        smallest = min(block_params) if block_params else 0
+        raise ValueError(f"no block fits in a budget of {limit:g} parameters (smallest block needs {smallest})")
+    return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class KneeCurve:
+    """The sorted importance curve and each point's distance from the chord (for plotting).
+
+    ``ranks[j] = j + 1``; ``blocks[j]`` is the block at that rank; ``values`` descending;
+    ``distances[j]`` is the normalised distance of point ``j`` from the chord; ``knee`` the count.
+    """
+
+    ranks: list[int]
+    blocks: list[int]
+    values: list[float]
+    distances: list[float]
+    knee: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def knee_curve(importances: Sequence[float | None]) -> KneeCurve:
+    """The elbow of the descending importance curve.
+
+    Let ``v_1 ≥ … ≥ v_n`` be the valid (non-``None``) importances sorted descending (ties by lower
+    block index). In normalised coordinates ``x_k = (k−1)/(n−1)``, ``y_k = (v_k − v_n)/(v_1 − v_n)``
+    the chord from the first to the last point is ``x + y = 1``, and point ``k``'s distance from it is
+    ``d_k = |x_k + y_k − 1| / √2`` (Kneedle / elbow rule). The count is ``k* = argmax_k d_k``
+    (1-based, the elbow point itself included), ties to the smaller ``k``, ``k* ≥ 1``.
+    Special cases: ``n = 1`` → 1; all values equal → ``n`` (every valid block);
+    ``n = 2`` (both points on the chord) → 1.
+
+    Raises:
+        ValueError: no valid importance.
+    """
+    order = [i for i in rank_blocks(importances) if importances[i] is not None]
+    values = [float(importances[i]) for i in order]  # type: ignore[arg-type]
+    n = len(values)
+    if n == 0:
+        raise ValueError("no valid importance to find a knee in")
+    ranks = list(range(1, n + 1))
+    if n == 1 or values[0] == values[-1]:
+        return KneeCurve(ranks, order, values, [0.0] * n, n)
+    span = values[0] - values[-1]
+    distances = [abs((k / (n - 1)) + (v - values[-1]) / span - 1.0) / math.sqrt(2.0) for k, v in enumerate(values)]
+    best = 0
+    for j in range(1, n):
+        if distances[j] > distances[best] + 1e-12:
+            best = j
+    return KneeCurve(ranks, order, values, distances, best + 1)
+
+
+def auto_count(importances: Sequence[float | None]) -> int:
+    """Number of blocks to select: the knee of the importance curve (:func:`knee_curve`)."""
+    return knee_curve(importances).knee
+
+
+def prefer_shallow(
+    importances: Sequence[float | None],
+    count: int,
+    *,
+    max_importance_loss: float = 0.05,
+    tie_break: TieBreak = "lower-index",
+) -> list[int]:
+    """``count`` blocks whose lowest block is as deep as the importance bound allows (sorted).
+
+    ``I(S) = Σ_{i∈S} v_i`` (``None`` counts 0). Let ``T`` be the plain top-``count`` (by
+    ``rank_blocks``). For ``b = L − count, …, 0`` (deepest first): ``S_b`` = the top-``count``
+    blocks among ``{b, …, L−1}``; the first ``S_b`` with ``I(S_b) ≥ I(T) − ε·|I(T)|``
+    (``ε = max_importance_loss``; ``= (1 − ε)·I(T)`` for non-negative scores) wins. ``b = 0`` gives
+    ``T`` itself, so a selection always exists. Greedy: it maximises the lowest block, then takes
+    the most important blocks above it.
+    """
+    num_layers = len(importances)
+    if not 1 <= count <= num_layers:
+        raise ValueError(f"count must be in 1..{num_layers}, got {count}")
+    if max_importance_loss < 0:
+        raise ValueError(f"max_importance_loss must be non-negative, got {max_importance_loss}")
+    order = rank_blocks(importances, tie_break)
+
+    def total(blocks: Sequence[int]) -> float:
+        return sum(float(importances[i]) for i in blocks if importances[i] is not None)  # type: ignore[arg-type]
+
+    top = order[:count]
+    bound = total(top) - max_importance_loss * abs(total(top))
+    for lowest in range(num_layers - count, -1, -1):
+        candidate = [i for i in order if i >= lowest][:count]
+        if total(candidate) >= bound - 1e-12 * max(1.0, abs(bound)):
+            return sorted(candidate)
+    return sorted(top)

@@ -1,7 +1,7 @@
 """Gradient-based block scores: the paper's Fisher-information (FIM) baseline and a gradient-norm probe.
 
 Both scores need the model *with its task head* (sequence classification or causal LM) and
-labelled batches, unlike the representation scorers of :mod:`lwlora.scoring`, which only read
+labelled batches, unlike the representation scorers of :mod:`lwlora.selection.scoring`, which only read
 block inputs and outputs. For block ``b`` with parameters ``θ_b``:
 
 - ``fisher``: the summed diagonal of the empirical Fisher information,
@@ -46,7 +46,7 @@ depend on gets ``0.0``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from lwlora.blocks import BlockStack
-from lwlora.scoring import LayerScore
+from lwlora.selection.scoring import LayerScore
 
 #: The ``GradientScores`` field lwlora ranks blocks by (see the module docstring).
 DEFAULT_RANKING = "fisher_per_param"
@@ -90,7 +90,7 @@ def _block_params(stack: BlockStack) -> list[list[nn.Parameter]]:
 
 
 def _input_device(model: nn.Module) -> torch.device:
-    from lwlora.capture import _input_device as input_device
+    from lwlora.selection.capture import _input_device as input_device
 
     return input_device(model)
 
@@ -246,3 +246,58 @@ def scores_to_layer_scores(values: list[float]) -> list[LayerScore]:
                 LayerScore(similarity=None, importance=None, degenerate=True, reason=f"gradient score is not finite ({value})")
             )
     return scores
+
+
+
+def gradient_selection(
+    options: Any,
+    model: nn.Module,
+    stack: BlockStack,
+    batches: Sequence[Mapping[str, Any]],
+    *,
+    model_kind: str,
+    model_label: str,
+    data_label: str | None,
+    gguf_file: str | None = None,
+    progress: bool = False,
+) -> Any:
+    """The selection by a gradient scorer (``options.scorer``: ``fim`` ranks by the per-parameter
+    mean of the empirical Fisher diagonal, ``gradnorm`` by the gradient norm of the probe loss) on
+    ``batches`` (labelled, e.g. :func:`lwlora.tasks.base.probe_batches`), chosen by the options'
+    policy, as a :class:`~lwlora.selection.artifact.LayerSelection`. The raw Fisher values are
+    kept in ``diagnostics``; fewer samples than ``options.num_samples`` is a warning."""
+    import dataclasses
+    import logging
+    import time
+
+    from lwlora.data import few_samples_warning
+    from lwlora.selection.artifact import LayerRecord, rule_selection
+    from lwlora.selection.capture import compute_placement
+    from lwlora.selection.policy import select_blocks
+
+    policy = options.policy_for(model_kind)
+    started = time.perf_counter()
+    device, dtype = compute_placement(model)
+    scores = block_gradient_scores(model, stack, batches, progress=progress)
+    values = getattr(scores, GRADIENT_SCORERS[options.scorer])
+    layer_scores = scores_to_layer_scores(values)
+    records = [LayerRecord(index=i, cka=None, similarity=None, importance=s.importance, degenerate=s.degenerate, reason=s.reason) for i, s in enumerate(layer_scores)]
+    selected, warnings = select_blocks([r.importance for r in records], policy)
+    few = few_samples_warning(options.num_samples, scores.num_samples, f"the training data of {data_label}")
+    if few:
+        warnings.insert(0, few)
+    for message in warnings:
+        logging.getLogger("lwlora").warning(message)
+    base = rule_selection(options, stack, model_kind, selected, options.scorer, model_label=model_label, gguf_file=gguf_file)
+    return dataclasses.replace(
+        base,
+        layers=records,
+        num_samples=scores.num_samples,
+        data=data_label,
+        policy=policy.to_json(),
+        warnings=warnings,
+        diagnostics={"ranking": GRADIENT_SCORERS[options.scorer], "fisher": scores.fisher, "fisher_per_param": scores.fisher_per_param, "grad_norm": scores.grad_norm, "num_params": scores.num_params},
+        device=device,
+        dtype=dtype,
+        timings={"score_s": round(time.perf_counter() - started, 4)},
+    )

@@ -31,7 +31,7 @@ from lwlora.errors import ConfigError
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
 
-    from lwlora.selection import LayerSelection
+    from lwlora.selection.artifact import LayerSelection
 
 METHODS: tuple[str, ...] = ("lora", "pissa", "dora", "rslora", "olora", "eva")
 
@@ -139,7 +139,7 @@ def target_regex(stack_path: str, indices: Iterable[int], suffixes: Sequence[str
 def units_regex(selection: "LayerSelection", suffixes: Sequence[str], *, exact: bool, stack: BlockStack | None) -> str:
     """``target_modules`` for a sub-layer selection: per part (attention, MLP), the blocks whose
     unit of that part is adapted, with that part's modules only (exact block-relative names)."""
-    from lwlora.units import PARTS, part_of
+    from lwlora.selection.units import PARTS, part_of
 
     names = sorted(set().union(*(block_linear_names(stack.blocks[i]) for i in selection.selected))) if stack else list(selection.block_linear_modules)
     targeted = names if exact else [n for n in names if any(_matches(t, n) for t in suffixes)]
@@ -316,7 +316,7 @@ def verify(peft_model: nn.Module, selection: "LayerSelection", target_modules: s
 
     chosen_units = selection.selected_units
     if chosen_units is not None:  # a sub-layer selection: only the chosen parts' modules of each block
-        from lwlora.units import part_of
+        from lwlora.selection.units import part_of
 
         expected = {i: {m for m in names if part_of(m) in chosen_units.get(i, [])} for i, names in expected.items()}
     missing: list[str] = []

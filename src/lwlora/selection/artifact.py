@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +77,7 @@ class LayerSelection:
     warnings: list[str] = field(default_factory=list)
     #: extra evidence: near-identity ties, the selection under the other feature normalisation, ...
     diagnostics: dict[str, Any] = field(default_factory=dict)
-    #: lwlora.budget.SelectionCost of the selection (at the adapter rank/targets it assumed)
+    #: lwlora.selection.cost.SelectionCost of the selection (at the adapter rank/targets it assumed)
     cost: dict[str, Any] = field(default_factory=dict)
     feature_norm: str = "none"
     #: where the scores were computed ("cuda:0"; "cpu"; several devices comma-separated) and in
@@ -189,9 +191,44 @@ class LayerSelection:
             path = path / "selection.json"
         return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
 
-    def to_peft_config(self, method: str = "lora", r: int = 8, alpha: float | None = None, dropout: float = 0.0, target_modules: Any = "auto", **kwargs: Any):
-        """A PEFT ``LoraConfig`` that adapts exactly the selected blocks; see
-        :func:`lwlora.peft_bridge.build_peft_config` for the arguments."""
-        from lwlora.peft_bridge import build_peft_config
 
-        return build_peft_config(self, method=method, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, **kwargs)
+def library_versions() -> dict[str, str]:
+    """The versions a selection was made with (lwlora, Python, torch, transformers, peft)."""
+    import torch
+
+    import lwlora
+
+    versions = {"lwlora": lwlora.__version__, "python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "peft"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return versions
+
+
+def rule_selection(options: Any, stack: Any, model_kind: str, selected: list[int], rule: str, *, model_label: str, gguf_file: str | None = None) -> LayerSelection:
+    """A selection made by a rule rather than by scores (every importance ``None``): ``all``,
+    ``first``, ``last``, ``random``, ``explicit`` blocks. ``options``: the SelectOptions (its
+    ratio, count, seed and the adapter the cost assumes)."""
+    from lwlora.selection.cost import adapter_targets, selection_cost
+
+    suffixes, exact = adapter_targets(stack, options.target_modules)
+    return LayerSelection(
+        model=model_label,
+        gguf_file=gguf_file,
+        model_kind=model_kind,
+        layers_path=stack.path,
+        tower=stack.tower,
+        num_layers=stack.num_layers,
+        block_linear_modules=stack.block_linear_modules(),
+        scorer=rule,
+        similarity_name="none",
+        pooling="none",
+        layers=[LayerRecord(index=i, cka=None, similarity=None, importance=None, degenerate=False) for i in range(stack.num_layers)],
+        selected=selected,
+        policy={"rule": rule, "ratio": options.ratio, "num_layers": options.num_layers, "seed": options.seed},
+        cost=selection_cost(stack, selected, suffixes, options.r, exact=exact, seq_len=options.max_length).to_json(),
+        versions=library_versions(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )

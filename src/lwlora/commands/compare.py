@@ -22,7 +22,7 @@ Output directory::
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
 import statistics
 import time
@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from lwlora.errors import ConfigError
+from lwlora.fields import coerce_fields, init_holding, option
 from lwlora.io import atomic_write, atomic_write_json, atomic_write_text
-from lwlora.selection import LayerSelection
+from lwlora.selection.artifact import LayerSelection
+from lwlora.selection.options import SelectOptions
 
 DEFAULT_METHODS = ("cka", "cka-debiased", "fim", "bi", "angular", "random", "last")
 #: evaluation bookkeeping that the markdown training table leaves out (kept in comparison.json)
@@ -41,7 +43,7 @@ _THROUGHPUT_KEYS = ("runtime", "samples_per_second", "steps_per_second", "epoch"
 
 
 def valid_methods() -> tuple[str, ...]:
-    from lwlora.select import ALL_SCORERS
+    from lwlora.selection.options import ALL_SCORERS
 
     return tuple(ALL_SCORERS)
 
@@ -141,48 +143,37 @@ class ComparisonResult:
         }
 
 
-def _disable_progress_bars() -> None:
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def compare_selections(
     model: str,
     data: str,
     methods: list[str] | str = DEFAULT_METHODS,
     *,
-    ratio: float | None = None,
-    num_layers: int | None = None,
-    num_samples: int = 128,
-    batch_size: int = 8,
-    max_length: int = 512,
+    options: Any = None,
     device: str = "auto",
     dtype: str = "auto",
-    seed: int = 0,
     text_column: str | None = None,
     text_pair_column: str | None = None,
     label_column: str | None = None,
     task: str | None = None,
-    pooling: str | None = None,
     progress: bool = True,
+    **option_values: Any,
 ) -> ComparisonResult:
-    """Select blocks with every method in ``methods`` and compare the selections."""
-    from lwlora.gradient_scores import GRADIENT_SCORERS
-    from lwlora.select import SelectConfig, select_layers
+    """Select blocks with every method in ``methods`` and compare the selections.
+
+    ``options``: the :class:`~lwlora.selection.options.SelectOptions` every method shares (its
+    scorer/rule is each method's); its fields may instead be given flat (``ratio=0.5``,
+    ``num_samples=64``, ``seed=0``, ...)."""
+    from lwlora.commands.select import SelectConfig, select_layers
+    from lwlora.selection.gradients import GRADIENT_SCORERS
+    from lwlora.selection.options import SelectOptions
 
     methods = parse_methods(methods)
-    if ratio is not None and num_layers is not None:
-        raise ConfigError("--num-layers", "give only one of --ratio and --num-layers")
+    options = dataclasses.replace(options, **option_values) if options is not None else SelectOptions(**option_values)
+    ratio, num_layers, num_samples, seed, pooling = options.ratio, options.num_layers, options.num_samples, options.seed, options.pooling
     # every config first: bad options fail before any model is loaded
     configs = {
-        m: SelectConfig(
-            model=model, data=data, num_samples=num_samples, ratio=ratio, num_layers=num_layers, scorer=m,
-            pooling=pooling, task=task, label_column=label_column, batch_size=batch_size, max_length=max_length,
-            device=device, dtype=dtype, text_column=text_column, text_pair_column=text_pair_column, seed=seed, progress=progress,
-        )
+        m: SelectConfig(model, data, options=options.with_method(m), task=task, label_column=label_column, device=device, dtype=dtype,
+                        text_column=text_column, text_pair_column=text_pair_column, progress=progress)
         for m in methods
     }
     timings: dict[str, float] = {}
@@ -456,82 +447,65 @@ def _json_safe(value: Any) -> Any:
 # ------------------------------------------------------------------------------------------------
 
 
-def add_compare_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``lwlora compare`` on an argparse sub-parsers object."""
-    from lwlora.capture import POOLINGS
+@dataclass(frozen=True, init=False)
+class CompareConfig:
+    """What ``lwlora compare`` takes (each field a flag of the same name; ``options``' fields too)."""
 
-    p = subparsers.add_parser(
-        "compare",
-        help="run several selection methods, compare what they select (Jaccard, cost), optionally train each",
-        description="Select blocks with every --methods entry and write DIR/comparison.json, DIR/comparison.md and "
-        "DIR/comparison.png; with --train, train each selection for every --seeds entry and tabulate mean ± std.",
-    )
-    p.add_argument("model", metavar="MODEL", help="Hub id, local directory, or builtin:minilm / builtin:smollm2")
-    p.add_argument("--data", required=True, help="data spec, as for lwlora select (labels needed for fim/gradnorm and --train)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)}); any of: {', '.join(valid_methods())}")
-    count = p.add_mutually_exclusive_group()
-    count.add_argument("--ratio", type=float, help="select floor(ratio x L) blocks (default 0.5)")
-    count.add_argument("--num-layers", type=int, help="select this many blocks")
-    p.add_argument("--num-samples", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8, help="selection batch size")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed of the selection (and of the random rule)")
-    p.add_argument("--text-column")
-    p.add_argument("--text-pair-column")
-    p.add_argument("--label-column")
-    p.add_argument("--task", help="task for fim/gradnorm and --train (default: classification for encoders, instruction for decoders)")
-    p.add_argument("--pooling", choices=list(POOLINGS))
-    p.add_argument("--no-progress", action="store_true")
-    training = p.add_argument_group("training (--train)")
-    training.add_argument("--train", action="store_true", help="train every selection with every seed and tabulate mean ± std")
-    training.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
-    training.add_argument("--epochs", type=float, default=3.0)
-    training.add_argument("--max-steps", type=int)
-    training.add_argument("--lr", type=float, default=2e-4)
-    training.add_argument("--r", type=int, default=8)
-    training.add_argument("--alpha", type=float)
-    training.add_argument("--method", default="lora", help="adapter method (lora, pissa, dora, rslora, olora)")
-    training.add_argument("--train-batch-size", type=int, default=16)
-    training.add_argument("--max-train-samples", type=int)
-    training.add_argument("--max-eval-samples", type=int)
-    training.add_argument("--target-modules", default="auto")
-    training.add_argument("--overwrite", action="store_true", help="replace existing runs under DIR/runs")
-    p.set_defaults(run=run_compare_cli)
-    return p
+    model: str = option(help="Hub id, local directory, or builtin:minilm / builtin:smollm2")
+    data: str = option(help="data spec, as for lwlora select (labels needed for fim/gradnorm and --train)")
+    out: str = option(help="output directory")
+    methods: str = option(",".join(DEFAULT_METHODS), "comma-separated methods: scorers (cka, cka-debiased, bi, angular, fim, gradnorm) and rules (all, first, last, random)")
+    task: str | None = option(None, "task for fim/gradnorm and --train (default: classification for encoders, instruction for decoders)")
+    text_column: str | None = option(None, "column holding the text (default: detected)")
+    text_pair_column: str | None = option(None, "second text column for sentence pairs")
+    label_column: str | None = option(None, "classification: the label column")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N, mps")
+    dtype: str = option("auto", "auto, float32, bfloat16, float16")
+    progress: bool = option(True, "show progress bars")
+    # --train
+    train: bool = option(False, "train every selection with every seed and tabulate mean ± std")
+    seeds: str = option("0,1,2", "comma-separated training seeds")
+    epochs: float = option(3.0, "training epochs")
+    max_steps: int | None = option(None, "stop each run after this many steps")
+    lr: float = option(2e-4, "learning rate")
+    alpha: float | None = option(None, "LoRA alpha (default 2 r)")
+    method: str = option("lora", "adapter method (lora, pissa, dora, rslora, olora, eva)")
+    train_batch_size: int = option(16, "training batch per device")
+    max_train_samples: int | None = option(None, "use at most this many training examples")
+    max_eval_samples: int | None = option(None, "evaluate on at most this many examples")
+    overwrite: bool = option(False, "replace existing runs under DIR/runs")
+    options: SelectOptions = option(SelectOptions(), "what every method shares", cli=False)
+
+    def __init__(self, model: str, data: str, out: str, **values: Any) -> None:
+        init_holding(self, {"model": model, "data": data, "out": out, **values}, nested="options", nested_type=SelectOptions)
+
+    def __post_init__(self) -> None:
+        coerce_fields(self, skip=("options",))
+        parse_methods(self.methods)
 
 
-def run_compare_cli(args: argparse.Namespace) -> int:
-    progress = not args.no_progress
-    if not progress:
-        _disable_progress_bars()
+def run(config: CompareConfig) -> int:
+    """``lwlora compare``: check DIR and the training flags, select with every method, train each
+    selection for every seed (``--train``), write comparison.json / .md / .png."""
     from lwlora.io import check_output_dir
 
-    out = check_output_dir(args.out, "--out")  # before the selections: an unwritable --out fails now
-    methods = parse_methods(args.methods)
-    seeds = parse_seeds(args.seeds) if args.train else None
-    if args.train:
+    out = check_output_dir(config.out, "--out")  # before the selections: an unwritable --out fails now
+    methods = parse_methods(config.methods)
+    options = config.options
+    seeds = parse_seeds(config.seeds) if config.train else None
+    training = dict(epochs=config.epochs, max_steps=config.max_steps, lr=config.lr, r=options.r, alpha=config.alpha, method=config.method, train_batch_size=config.train_batch_size,
+                    max_train_samples=config.max_train_samples, max_eval_samples=config.max_eval_samples, target_modules=options.target_modules, max_length=options.max_length)
+    if config.train:
         from lwlora.training.config import TrainConfig
 
         # check the training flags before the (slow) selections
-        TrainConfig(model=args.model, task=args.task or "classification", out=str(out / "runs" / "check"), data=args.data, epochs=args.epochs,
-                    max_steps=args.max_steps, lr=args.lr, r=args.r, alpha=args.alpha, method=args.method, batch_size=args.train_batch_size,
-                    max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, target_modules=args.target_modules,
-                    max_length=args.max_length, selection=str(out / "selections" / "check.json"))
-    result = compare_selections(
-        args.model, args.data, methods, ratio=args.ratio, num_layers=args.num_layers, num_samples=args.num_samples,
-        batch_size=args.batch_size, max_length=args.max_length, device=args.device, seed=args.seed, text_column=args.text_column,
-        text_pair_column=args.text_pair_column, label_column=args.label_column, task=args.task, pooling=args.pooling, progress=progress,
-    )
-    if args.train:
-        train_comparison(
-            result, out, seeds=seeds, task=args.task, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, r=args.r, alpha=args.alpha,
-            method=args.method, train_batch_size=args.train_batch_size, max_train_samples=args.max_train_samples,
-            max_eval_samples=args.max_eval_samples, target_modules=args.target_modules, max_length=args.max_length, device=args.device,
-            text_column=args.text_column, text_pair_column=args.text_pair_column, label_column=args.label_column,
-            overwrite=args.overwrite, progress=progress,
-        )
+        TrainConfig(model=config.model, task=config.task or "classification", out=str(out / "runs" / "check"), data=config.data, selection=str(out / "selections" / "check.json"),
+                    **{("batch_size" if k == "train_batch_size" else k): v for k, v in training.items()})
+    result = compare_selections(config.model, config.data, methods, options=options, device=config.device, dtype=config.dtype, text_column=config.text_column,
+                                text_pair_column=config.text_pair_column, label_column=config.label_column, task=config.task, progress=config.progress)
+    if config.train:
+        train_comparison(result, out, seeds=seeds, task=config.task, device=config.device, text_column=config.text_column, text_pair_column=config.text_pair_column,
+                         label_column=config.label_column, overwrite=config.overwrite, progress=config.progress, **training)
     paths = write_comparison(result, out)
     print(format_comparison(result), end="")
     print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")

@@ -1,6 +1,6 @@
 """How sure is a layer selection, and were the n samples enough?
 
-Two checks on captured :class:`~lwlora.capture.BlockRepresentations`:
+Two checks on captured :class:`~lwlora.selection.capture.BlockRepresentations`:
 
 **Bootstrap** (``bootstrap_stability``). A replicate draws n sample rows *with replacement* — the
 same row indices for the input and output of every block, since rows are samples — scores every
@@ -54,9 +54,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lwlora.capture import BlockRepresentations
-from lwlora.policy import SelectionPolicy, select_blocks
-from lwlora.scoring import LayerScorer, get_scorer
+from lwlora.selection.capture import BlockRepresentations
+from lwlora.selection.policy import SelectionPolicy, select_blocks
+from lwlora.selection.scoring import LayerScorer, get_scorer
 
 #: frequency bounds (exclusive) of an unstable block
 UNSTABLE_LOW = 0.2
@@ -244,9 +244,9 @@ def bootstrap_stability(
 
     Args:
         reps: captured (n, d) block inputs/outputs, rows = samples.
-        scorer_name: a name for :func:`lwlora.scoring.get_scorer` (``cka``, ``cka-debiased``, ...).
+        scorer_name: a name for :func:`lwlora.selection.scoring.get_scorer` (``cka``, ``cka-debiased``, ...).
         policy: the selection policy applied to every replicate's importances.
-        feature_norm: as for :func:`lwlora.scoring.get_scorer` (``none`` or ``standardize``).
+        feature_norm: as for :func:`lwlora.selection.scoring.get_scorer` (``none`` or ``standardize``).
         replicates: number of bootstrap replicates R (>= 1).
         confidence: level c of the percentile interval, in (0, 1).
         seed: seeds a ``torch.Generator`` (CPU) that draws every replicate's rows and the half sample.

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from lwlora.io import atomic_write, atomic_write_text
-from lwlora.selection import LayerSelection
+from lwlora.selection.artifact import LayerSelection
 
 
 def _fmt(value: float | None, digits: int = 6) -> str:
@@ -89,10 +89,10 @@ def plot_importance(selection: LayerSelection, path: str | os.PathLike) -> None:
 
 def peft_snippet(selection_path: str) -> str:
     return (
-        "from lwlora import LayerSelection, apply_selection\n"
+        "from lwlora import LayerSelection, apply_selection, build_peft_config\n"
         f"selection = LayerSelection.load({selection_path!r})\n"
         "peft_model = apply_selection(model, selection, method=\"lora\", r=8, alpha=16)  # adapters on the selected blocks only, verified\n"
-        "# or, for your own PEFT code: config = selection.to_peft_config(method=\"lora\", r=8, alpha=16)"
+        "# or, for your own PEFT code: config = build_peft_config(selection, method=\"lora\", r=8, alpha=16)"
     )
 
 
@@ -110,7 +110,7 @@ def write_artifacts(selection: LayerSelection, out_dir: str | os.PathLike) -> di
     plot_importance(selection, paths["plot"])
     stability = selection.diagnostics.get("stability")
     if stability is not None:
-        from lwlora.stability import StabilityReport, plot_stability
+        from lwlora.selection.stability import StabilityReport, plot_stability
 
         paths["stability_plot"] = out / "stability.png"
         plot_stability(StabilityReport.from_json(stability), selection.importances, selection.selected, paths["stability_plot"])

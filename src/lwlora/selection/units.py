@@ -89,7 +89,7 @@ def unit_modules(names: Sequence[str]) -> dict[str, list[str]]:
 def unit_params(stack: BlockStack, names: Sequence[str], r: int) -> list[int]:
     """LoRA parameters of every unit (by unit id) at rank ``r``: ``Σ r (in + out)`` over the
     unit's linear layers among ``names`` (block-relative, exact)."""
-    from lwlora.budget import lora_params_per_block
+    from lwlora.selection.cost import lora_params_per_block
 
     split = unit_modules(names)
     per_part = {part: lora_params_per_block(stack, split[part], r, exact=True) if split[part] else [0] * stack.num_layers for part in PARTS}
@@ -97,7 +97,7 @@ def unit_params(stack: BlockStack, names: Sequence[str], r: int) -> list[int]:
 
 
 def unit_cost(block_cost: dict, params: Sequence[int], chosen: Sequence[int], head_params: int = 0) -> dict:
-    """A block-level :class:`lwlora.budget.SelectionCost` (as JSON, of the blocks holding a chosen
+    """A block-level :class:`lwlora.selection.cost.SelectionCost` (as JSON, of the blocks holding a chosen
     unit) with its parameter figures recounted over the chosen units only:
     ``adapter_params = Σ_{u ∈ chosen} P_u``, fractions and optimizer state to match."""
     adapter = sum(params[u] for u in chosen)

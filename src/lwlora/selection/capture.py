@@ -129,7 +129,7 @@ class BlockRepresentations:
         return own + sum(alt.nbytes for alt in self.alternates.values())
 
     def pair(self, index: int) -> tuple[Tensor, Tensor]:
-        """Block ``blocks[index]``'s (input (n, d), output (n, d')) rows, for :func:`lwlora.scoring.score_pair`."""
+        """Block ``blocks[index]``'s (input (n, d), output (n, d')) rows, for :func:`lwlora.selection.scoring.score_pair`."""
         return self.inputs[index], self.outputs[index]
 
 
@@ -157,7 +157,7 @@ class BlockStatistics:
         return own + sum(alt.nbytes for alt in self.alternates.values())
 
     def pair(self, index: int) -> CKAStatistics:
-        """Block ``blocks[index]``'s statistics, for :func:`lwlora.scoring.score_pair`."""
+        """Block ``blocks[index]``'s statistics, for :func:`lwlora.selection.scoring.score_pair`."""
         return self.statistics[index]
 
 
@@ -254,11 +254,11 @@ def capture_block_representations(
             batch, they take more memory than the statistics would, then every block's rows are
             folded into statistics and the rest is streamed. Memory is then bounded by the
             smaller of the two (plus one batch), independent of n. Only plain linear CKA can be
-            computed from statistics (:func:`lwlora.scoring.uses_statistics`).
+            computed from statistics (:func:`lwlora.selection.scoring.uses_statistics`).
         fold_at: ``auto`` only: fold once more than this many samples are kept, instead of when
             the rows outgrow the statistics (for tests and benchmarks).
         split_at: one module per block of ``stack`` whose input is the residual stream between
-            the block's attention and MLP halves (:func:`lwlora.units.mlp_entries`). Each block
+            the block's attention and MLP halves (:func:`lwlora.selection.units.mlp_entries`). Each block
             then yields two pairs, unit ``2 i`` (block input, that module's input) and unit
             ``2 i + 1`` (that module's input, block output); the result's ``blocks`` are unit ids.
 
