@@ -1,4 +1,4 @@
-"""lwlora.selection.cost, lwlora.selection.policy budgets and lwlora.adapters.ranks: adapter sizes checked against PEFT, budget selection, knee, rank allocation, costs."""
+"""lwlora.selection.cost, lwlora.selection.policy budgets and lwlora.adapters.ranks: adapter sizes checked against PEFT, budget selection, elbow, rank allocation, costs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 from lwlora.blocks import BlockStack, resolve_block_stack
 from lwlora.selection.cost import ACTIVATION_VALUES_PER_HIDDEN, lora_params_per_block, selection_cost
 from lwlora.adapters.ranks import alpha_pattern_for_peft, equal_budget_rank, importance_rank_pattern, params_ratio, rank_pattern_for_peft
-from lwlora.selection.policy import auto_count, knee_curve, prefer_shallow, select_by_param_budget
+from lwlora.selection.policy import auto_count, chord_elbow, prefer_shallow, select_by_param_budget
 from lwlora.adapters.placement import apply_selection
 from lwlora.selection.artifact import LayerRecord, LayerSelection
 
@@ -140,26 +140,26 @@ def test_budget_never_exceeded(data) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Knee
+# Elbow (--auto)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_auto_count_clear_knee() -> None:
+def test_auto_count_clear_elbow() -> None:
     # Sorted: 1.0, 0.95, 0.9, 0.2, 0.15, 0.1, 0.05, 0.0 (x_k = (k-1)/7, y_k = v_k):
     # x + y - 1 = 0, .093, .186, -.371, -.279, -.186, -.093, 0 -> the elbow is rank 4, the first point
     # of the flat tail (the elbow point itself is counted)
     importances = [0.15, 0.9, 1.0, 0.1, 0.95, 0.0, 0.2, 0.05]
-    curve = knee_curve(importances)
+    curve = chord_elbow(importances)
     assert curve.values == sorted(curve.values, reverse=True)
     assert curve.blocks[:4] == [2, 4, 1, 6]
-    assert curve.knee == 4 == auto_count(importances)
-    assert curve.distances[curve.knee - 1] == max(curve.distances)
+    assert curve.count == 4 == auto_count(importances)
+    assert curve.distances[curve.count - 1] == max(curve.distances)
     assert curve.distances[3] == pytest.approx(abs(3 / 7 + 0.2 - 1) / 2**0.5)
-    assert curve.to_json()["knee"] == 4
+    assert curve.to_json()["count"] == 4
 
 
 def test_auto_count_convex_drop_and_special_cases() -> None:
-    # convex: 1.0, 0.3, 0.1, 0.05, 0.0 -> x+y-1 = 0, -.45, -.4, -.2, 0 -> knee at rank 2
+    # convex: 1.0, 0.3, 0.1, 0.05, 0.0 -> x+y-1 = 0, -.45, -.4, -.2, 0 -> elbow at rank 2
     assert auto_count([0.05, 1.0, 0.0, 0.3, 0.1]) == 2
     assert auto_count([0.5, 0.5, None, 0.5]) == 3  # all equal -> all valid blocks
     assert auto_count([None, 0.3]) == 1

@@ -1,4 +1,4 @@
-"""Budgets through `lwlora select` and `lwlora train`: parameter budget, knee, shallow preference,
+"""Budgets through `lwlora select` and `lwlora train`: parameter budget, elbow (--auto), shallow preference,
 the equal-budget baseline and importance-weighted ranks."""
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def test_param_budget_never_exceeds_and_cost_is_reported(tiny_bert_dir, labelled
 
 def test_auto_and_prefer_shallow(tiny_bert_dir, labelled, tmp_path):
     auto = select(tmp_path / "auto", tiny_bert_dir, labelled, "--auto")
-    assert 1 <= len(auto["selected"]) <= 3 and "auto" in auto["diagnostics"]
+    elbow = auto["diagnostics"]["auto"]
+    assert elbow["rule"] == "farthest-from-chord" and len(auto["selected"]) == elbow["count"]
+    assert 1 <= elbow["count"] <= 3 and elbow["distances"][elbow["count"] - 1] == max(elbow["distances"])
     top = select(tmp_path / "top", tiny_bert_dir, labelled, "--num-layers", "2")
     shallow = select(tmp_path / "shallow", tiny_bert_dir, labelled, "--num-layers", "2", "--prefer-shallow", "0.99")
     assert len(shallow["selected"]) == 2 and min(shallow["selected"]) >= min(top["selected"])

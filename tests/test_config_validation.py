@@ -188,7 +188,6 @@ def test_bootstrap_needs_two_replicates(bootstrap, ok):
 
 
 def test_the_tables_restated_without_torch_agree_with_their_owners():
-    import typing
 
     from lwlora import models
     from lwlora.selection import capture, gradients, scoring

@@ -56,7 +56,7 @@ def test_eva_on_selected_blocks_of_a_decoder_redistributes_ranks_and_reloads(tin
 
 def test_eva_initialises_a_from_the_data(tiny_llama_dir, instruct_dir, tmp_path):
     """After EVA, each lora_A's rows are orthonormal right-singular vectors (not Kaiming noise)."""
-    from lwlora.adapters.placement import apply_selection, initialize_eva
+    from lwlora.adapters.placement import apply_selection
     from lwlora.selection.artifact import LayerRecord, LayerSelection
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lwlora.evaluation.answers import math_answer_matches, normalise_math_answer
 from lwlora.evaluation.generation import (
     choose_by_loglik,
     code_program,
     evaluate_examples,
     generate_greedy,
-    math_answer_matches,
-    normalise_math_answer,
 )
 from lwlora.tasks import EvalExample
 

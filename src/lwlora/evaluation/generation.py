@@ -3,7 +3,8 @@
 - ``math``: the predicted number (``answers.extract_predicted_number``: after ``####``, in
   ``\\boxed{}``, after "the answer is", else the last number) must equal a numeric reference
   exactly; a non-numeric (MATH) reference must equal the last ``\\boxed{}`` after
-  normalisation → ``exact_match``.
+  normalisation, or be mathematically equal to it by ``math-verify``
+  (``answers.math_answer_matches``) → ``exact_match``.
 - ``choice``: by generated letter (``answers.extract_choice_letter``) or, with
   ``choice_mode="loglik"``, by the most likely option letter after the prompt (its forms " A",
   "A", " a", "a" together, each scored over all its tokens; no generation) → ``accuracy``.
@@ -22,11 +23,8 @@ import torch
 from torch import nn
 
 from lwlora.evaluation.answers import (
-    extract_boxed,
     extract_choice_letter,
-    extract_predicted_number,
-    numbers_match,
-    parse_number,
+    math_answer_matches,
 )
 
 _FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.DOTALL)
@@ -141,31 +139,6 @@ def choose_by_loglik(
     forms = [form.format(upper=letter, lower=letter.lower()) for letter in letters for form in LETTER_FORMS]
     scores = torch.tensor(continuation_logprobs(model, tokenizer, prompt, forms)).view(len(letters), len(LETTER_FORMS))
     return letters[int(torch.argmax(torch.logsumexp(scores, dim=1)))]
-
-
-def math_answer_matches(generation: str, reference: str) -> tuple[str | None, bool]:
-    """(prediction, correct). Numeric references (GSM8K) need an exactly equal number; others
-    (MATH: ``\\frac{1}{2}``, ``(3, 4)``, ``x^2+1``) need the last ``\\boxed{}`` of the generation
-    to equal the reference after ``normalise_math_answer``, or to equal it as a number."""
-    if parse_number(reference) is not None:
-        predicted = extract_predicted_number(generation)
-        return predicted, numbers_match(predicted, reference)
-    boxed = extract_boxed(generation)
-    if boxed is None:
-        return None, False
-    return boxed, normalise_math_answer(boxed) == normalise_math_answer(reference) or numbers_match(boxed, reference)
-
-
-_LATEX_NOISE = (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""), ("$", ""))
-
-
-def normalise_math_answer(text: str) -> str:
-    """Drop what does not change a LaTeX answer's value: spaces, ``$``, ``\\left``/``\\right``,
-    ``\\!``, ``\\,``, ``\\dfrac``/``\\tfrac`` (→ ``\\frac``), ``\\text{…}`` wrappers, degrees, a final period."""
-    text = re.sub(r"\\text\{([^{}]*)\}", r"\1", text)
-    for old, new in _LATEX_NOISE:
-        text = text.replace(old, new)
-    return re.sub(r"\s+", "", text).rstrip(".")
 
 
 def code_program(example: Any, completion: str) -> str:

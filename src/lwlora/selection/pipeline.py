@@ -38,7 +38,7 @@ from lwlora.selection.options import SelectOptions
 from lwlora.selection.policy import (
     SelectionPolicy,
     auto_count,
-    knee_curve,
+    chord_elbow,
     prefer_shallow,
     rule_blocks,
     select_blocks,
@@ -207,7 +207,7 @@ def select_with_budget(importances: list[float | None], policy: SelectionPolicy,
         if options.auto:
             count = auto_count(allowed)
             policy = dataclasses.replace(policy, num_layers=count, ratio=None)
-            info["auto"] = knee_curve(allowed).to_json()
+            info["auto"] = chord_elbow(allowed).to_json()
         selected, warnings = select_blocks(importances, policy)
     if options.prefer_shallow is not None:
         shallow = prefer_shallow(allowed, len(selected), max_importance_loss=options.prefer_shallow)

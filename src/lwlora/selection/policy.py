@@ -20,8 +20,9 @@ Budgets replace the count:
   all-layer adapter parameters, ``B > 1`` an absolute count; blocks are visited by importance
   (:func:`rank_blocks`) and taken while the running total stays ``≤ B``; a block that does not fit
   is skipped, a later smaller one may still fit;
-- **automatic count** (:func:`auto_count`, :func:`knee_curve`): the point of the descending
-  importance curve farthest from its chord, in normalised coordinates;
+- **automatic count** (:func:`auto_count`, :func:`chord_elbow`): the point of the descending
+  importance curve farthest from its chord, in normalised coordinates (a plain elbow rule, not
+  Kneedle: no smoothing, no difference curve, no threshold);
 - **shallow preference** (:func:`prefer_shallow`): trade a bounded loss of total importance for a
   higher lowest adapted block (a shorter backward pass).
 """
@@ -211,7 +212,7 @@ def rule_blocks(rule: str, num_layers: int, policy: SelectionPolicy, *, seed: in
 
 
 # ---------------------------------------------------------------------------------------------
-# Budgets: by parameters, by the knee of the importance curve, preferring a shallow backward
+# Budgets: by parameters, by the elbow of the importance curve, preferring a shallow backward
 # ---------------------------------------------------------------------------------------------
 
 
@@ -262,30 +263,34 @@ def select_by_param_budget(
 
 
 @dataclass(frozen=True)
-class KneeCurve:
+class ChordElbow:
     """The sorted importance curve and each point's distance from the chord (for plotting).
 
     ``ranks[j] = j + 1``; ``blocks[j]`` is the block at that rank; ``values`` descending;
-    ``distances[j]`` is the normalised distance of point ``j`` from the chord; ``knee`` the count.
+    ``distances[j]`` is the normalised distance of point ``j`` from the chord; ``count`` the
+    number of blocks chosen (the farthest point's rank); ``rule`` names the rule in selection.json.
     """
 
     ranks: list[int]
     blocks: list[int]
     values: list[float]
     distances: list[float]
-    knee: int
+    count: int
+    rule: str = "farthest-from-chord"
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def knee_curve(importances: Sequence[float | None]) -> KneeCurve:
-    """The elbow of the descending importance curve.
+def chord_elbow(importances: Sequence[float | None]) -> ChordElbow:
+    """The elbow of the descending importance curve: its point farthest from the chord.
 
     Let ``v_1 ≥ … ≥ v_n`` be the valid (non-``None``) importances sorted descending (ties by lower
     block index). In normalised coordinates ``x_k = (k−1)/(n−1)``, ``y_k = (v_k − v_n)/(v_1 − v_n)``
     the chord from the first to the last point is ``x + y = 1``, and point ``k``'s distance from it is
-    ``d_k = |x_k + y_k − 1| / √2`` (Kneedle / elbow rule). The count is ``k* = argmax_k d_k``
+    ``d_k = |x_k + y_k − 1| / √2``. This is the plain farthest-from-chord elbow rule, not
+    Kneedle (Satopää et al. 2011 smooth the curve and threshold a difference curve; the ``kneed``
+    package disagrees with this rule on many noisy curves). The count is ``k* = argmax_k d_k``
     (1-based, the elbow point itself included), ties to the smaller ``k``, ``k* ≥ 1``.
     Special cases: ``n = 1`` → 1; all values equal → ``n`` (every valid block);
     ``n = 2`` (both points on the chord) → 1.
@@ -297,22 +302,22 @@ def knee_curve(importances: Sequence[float | None]) -> KneeCurve:
     values = [float(importances[i]) for i in order]  # type: ignore[arg-type]
     n = len(values)
     if n == 0:
-        raise ValueError("no valid importance to find a knee in")
+        raise ValueError("no valid importance to find an elbow in")
     ranks = list(range(1, n + 1))
     if n == 1 or values[0] == values[-1]:
-        return KneeCurve(ranks, order, values, [0.0] * n, n)
+        return ChordElbow(ranks, order, values, [0.0] * n, n)
     span = values[0] - values[-1]
     distances = [abs((k / (n - 1)) + (v - values[-1]) / span - 1.0) / math.sqrt(2.0) for k, v in enumerate(values)]
     best = 0
     for j in range(1, n):
         if distances[j] > distances[best] + 1e-12:
             best = j
-    return KneeCurve(ranks, order, values, distances, best + 1)
+    return ChordElbow(ranks, order, values, distances, best + 1)
 
 
 def auto_count(importances: Sequence[float | None]) -> int:
-    """Number of blocks to select: the knee of the importance curve (:func:`knee_curve`)."""
-    return knee_curve(importances).knee
+    """Number of blocks to select: the elbow of the importance curve (:func:`chord_elbow`)."""
+    return chord_elbow(importances).count
 
 
 def prefer_shallow(
