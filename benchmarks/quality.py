@@ -41,6 +41,12 @@ train's groups and would reward recalling seen problems; the search then trains 
 groups of train and validates on ``--tune-holdout`` of them held out whole (``tuning_split``).
 ``--protocol fixed`` trains every method at the recipe's rate (the older tables).
 
+A search and its final runs can be split over machines: ``--search-only`` stops after the search
+(OUT.json then holds the chosen rates and every search run), and ``--tuning-from OLD.json`` takes
+the rates chosen there (for the cases and methods it has; the others are searched) and goes
+straight to the final runs, recording where they came from; a saved search whose best rate sat at
+the grid's edge goes on from its saved scores while ``--widen`` > 0 (only the new points train).
+
     python benchmarks/quality.py --out benchmarks/results/quality-gpu --jobs 12 --gpus 0,1 \\
         --model mpnet=/path/to/all-mpnet-base-v2
     python benchmarks/quality.py --case minilm/rte_epistemic --methods all-layer,cka-50 --seeds 0 --out /tmp/q
@@ -445,23 +451,24 @@ def widened(scores: dict[float, float | None], chosen: float | None) -> float | 
     return None
 
 
-def tune_learning_rates(cases: list[str], methods: list[str], *, make_job, grids: dict[str, list[float]], metrics: dict[str, str], widen: int, run) -> dict[str, dict[str, Any]]:
+def tune_learning_rates(cases: list[str], methods: list[str], *, make_job, grids: dict[str, list[float]], metrics: dict[str, str], widen: int, run, done: dict[tuple[str, str, float], Job] | None = None) -> dict[str, dict[str, Any]]:
     """Choose every (case, method)'s learning-rate multiple on the validation split.
 
     ``make_job(case, method, multiple)`` builds a tuning job; ``grids[method]`` is its starting
     grid; ``metrics[case]`` the metric compared; ``run(jobs)`` trains jobs (resumable, so finished runs are only read). Grids sitting at
-    an edge grow by one point per round, at most ``widen`` times. Returns
+    an edge grow by one point per round, at most ``widen`` times. ``done``: (case, method,
+    multiple) -> a search run finished earlier (``--tuning-from``), read instead of trained. Returns
     case -> method -> {"scores": {multiple: validation score}, "chosen": multiple, "edge": bool, "jobs": [...]}.
     """
     state: dict[str, dict[str, Any]] = {c: {m: {"multiples": list(grids[m]), "added": 0} for m in methods if m not in UNTRAINED_METHODS} for c in cases}
-    jobs: dict[tuple[str, str, float], Job] = {}
+    jobs: dict[tuple[str, str, float], Job] = dict(done or {})
     while True:
         pending = [(c, m, x) for c in state for m in state[c] for x in state[c][m]["multiples"] if (c, m, x) not in jobs]
-        if not pending:
-            break
-        new = {key: make_job(*key) for key in pending}
-        run(list(new.values()))
-        jobs.update(new)
+        if pending:
+            new = {key: make_job(*key) for key in pending}
+            run(list(new.values()))
+            jobs.update(new)
+        grew = False
         for case, per_method in state.items():
             for method, entry in per_method.items():
                 scores = {x: validation_score(jobs[(case, method, x)], metrics[case]) for x in entry["multiples"]}
@@ -471,6 +478,9 @@ def tune_learning_rates(cases: list[str], methods: list[str], *, make_job, grids
                 if beyond is not None and entry["added"] < widen:
                     entry["multiples"].append(beyond)
                     entry["added"] += 1
+                    grew = True
+        if not grew:
+            break
     result: dict[str, dict[str, Any]] = {}
     for case, per_method in state.items():
         result[case] = {}
@@ -482,6 +492,38 @@ def tune_learning_rates(cases: list[str], methods: list[str], *, make_job, grids
                 "jobs": [jobs[(case, method, x)] for x in sorted(entry["multiples"])],
             }
     return result
+
+
+def reused_tuning(path: Path, cases: list[str], methods: list[str], *, widen: int) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str, float], Job]]:
+    """The learning-rate searches of an earlier quality JSON (``--tuning-from``) for ``cases`` ×
+    ``methods``. Returns (chosen, done): ``chosen``: case -> method -> the saved entry (``scores``,
+    ``chosen``, ``lr``, ...) plus ``"from": str(path)``, for the searches that are finished;
+    ``done``: (case, method, multiple) -> the saved search run, for the searches to continue:
+    those that chose nothing, or whose best rate sat at the grid's edge while ``widen`` > 0 (the
+    search goes on from the saved scores, training only the new grid points)."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--tuning-from: cannot read {path}: {error}") from None
+    if saved.get("protocol") != "tuned":
+        raise SystemExit(f"--tuning-from: {path} was not written by --protocol tuned")
+    tuning = saved.get("tuning") or {}
+    chosen: dict[str, dict[str, Any]] = {}
+    done: dict[tuple[str, str, float], Job] = {}
+    for case in cases:
+        for method in methods:
+            entry = tuning.get(case, {}).get(method)
+            if entry is None:
+                continue
+            if entry.get("lr") is not None and not (entry.get("edge") and widen > 0):
+                chosen.setdefault(case, {})[method] = {**entry, "from": str(path)}
+                continue
+            for run in saved.get("runs", []):
+                if run.get("phase") == "tune" and run["case"] == case and run["method"] == method and run.get("final"):
+                    job = Job(case, method, run["seed"], Path(run["run_dir"]), run["argv"], lr=run["lr"], phase="tune", lr_multiple=run["lr_multiple"], wall_s=run.get("wall_s"))
+                    job.result = {key: run.get(key) for key in ("final", "params", "runtime_s", "selected", "adapter_rank", "train_loss", "step_s", "peak_memory_gib")}
+                    done[(case, method, float(run["lr_multiple"]))] = job
+    return chosen, done
 
 
 def trivial_baseline(data_root: Path, case: str) -> float | None:
@@ -509,7 +551,8 @@ def markdown(summary: dict[str, Any], env: dict[str, Any], baselines: dict[str, 
     ``tuning``: case -> method -> the learning-rate search on the validation split."""
     tuning = tuning or {}
     lines = [f"Quality of layer selections ({env.get('gpu', 'cpu')}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}). Test metric in %, mean ± std over seeds.", ""]
-    for case, methods in summary.items():
+    for case in dict.fromkeys([*summary, *tuning]):
+        methods = summary.get(case, {})
         recipe = Recipe(**{**recipes[case], "extra": tuple(recipes[case]["extra"])}) if case in recipes else None
         lines += [f"### {case}", ""]
         if recipe is not None:
@@ -518,7 +561,8 @@ def markdown(summary: dict[str, Any], env: dict[str, Any], baselines: dict[str, 
         if baselines.get(case) is not None:
             lines += [f"Trivial baseline (majority class or 1 / choices) on the test split: {100 * baselines[case]:.1f}%", ""]
         metric = recipe.metric if recipe else "accuracy"
-        lines += [f"| method | lr | seeds | test {metric} (%) | trainable params | train time (s) | step (s) | peak GPU memory (GiB) | blocks (seed 0) |", "|---|---|---|---|---|---|---|---|---|"]
+        if methods:
+            lines += [f"| method | lr | seeds | test {metric} (%) | trainable params | train time (s) | step (s) | peak GPU memory (GiB) | blocks (seed 0) |", "|---|---|---|---|---|---|---|---|---|"]
         for method, stats in methods.items():
             test = stats["final"].get("test", {}).get(metric)
             blocks = next(iter(stats.get("selected", {}).values()), None)
@@ -671,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--widen", type=int, default=2, help="tuned: grid points added (x2 or /2) while the best rate sits at an edge (default 2)")
     parser.add_argument("--tune-seed", type=int, default=0, help="tuned: the seed of the learning-rate search (default 0)")
     parser.add_argument("--tune-holdout", type=float, default=0.2, help="tuned, cases with a group column: share of train's groups held out as the search's validation split (default 0.2)")
+    parser.add_argument("--search-only", action="store_true", help="tuned: stop after the learning-rate search; OUT.json holds the chosen rates")
+    parser.add_argument("--tuning-from", help="tuned: a quality JSON whose chosen learning rates are reused (those cases and methods are not searched again)")
     parser.add_argument("--model", action="append", default=[], help="KEY=PATH_OR_ID, overriding a default model")
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"), help="folder of the task folders (../shared/data)")
     parser.add_argument("--runs", help="where the run directories go (default: OUT-runs)")
@@ -759,27 +805,35 @@ def main(argv: list[str] | None = None) -> int:
     chosen_lr: dict[tuple[str, str], float | None] = {}
     tune_jobs: list[Job] = []
     trained = [m for m in methods if m not in UNTRAINED_METHODS]
-    if args.protocol == "tuned" and trained:
+    reused, done = reused_tuning(Path(args.tuning_from), cases, trained, widen=args.widen) if args.tuning_from else ({}, {})
+    for case, per_method in reused.items():
+        for method, entry in per_method.items():
+            tuning.setdefault(case, {})[method] = entry
+            chosen_lr[(case, method)] = entry["lr"]
+    to_search = [m for m in trained if any(m not in reused.get(c, {}) for c in cases)]
+    if args.protocol == "tuned" and to_search:
         searched = tune_learning_rates(
-            cases, trained,
+            cases, to_search,
             make_job=lambda c, m, x: make_job(c, m, args.tune_seed, lr=base_lr(c, m) * x, phase="tune", multiple=x),
-            grids={m: grids["full" if m in FULL_METHODS else "lora"] for m in trained},
-            metrics={c: recipe_of[c].metric for c in cases}, widen=args.widen, run=run,
+            grids={m: sorted({x for (_, method, x) in done if method == m}) or grids["full" if m in FULL_METHODS else "lora"] for m in to_search},
+            metrics={c: recipe_of[c].metric for c in cases}, widen=args.widen, run=run, done=done,
         )
         for case, per_method in searched.items():
             tuning[case] = {}
             for method, entry in per_method.items():
                 tune_jobs += entry.pop("jobs")
+                if method in reused.get(case, {}):
+                    continue
                 chosen_lr[(case, method)] = None if entry["chosen"] is None else base_lr(case, method) * entry["chosen"]
                 tuning[case][method] = {**entry, "seed": args.tune_seed, "lr": chosen_lr[(case, method)]}
-    else:
+    elif args.protocol != "tuned":
         chosen_lr = {(c, m): base_lr(c, m) for c in cases for m in trained}
 
     jobs: list[Job] = []
-    for case in cases:  # the untrained model once per case, then seed-major: every method's first seed finishes first
+    for case in cases if not args.search_only else []:  # the untrained model once per case, then seed-major: every method's first seed finishes first
         jobs += [make_job(case, m, 0, lr=None, phase="final") for m in methods if m in UNTRAINED_METHODS and recipe_of[case].task == "instruction"]
     unrunnable: list[Job] = []
-    for seed in seeds:
+    for seed in seeds if not args.search_only else []:
         for case in cases:
             for method in trained:
                 lr = chosen_lr[(case, method)]
@@ -802,6 +856,7 @@ def main(argv: list[str] | None = None) -> int:
         "methods": {m: list(METHODS[m]) for m in methods},
         "seeds": seeds,
         "tuning": tuning,
+        "search_only": args.search_only,
         "tuning_data": tuning_data,
         "runs": [{"case": j.case, "method": j.method, "seed": j.seed, "phase": j.phase, "lr": j.lr, "lr_multiple": j.lr_multiple, "run_dir": str(j.run_dir), "argv": j.argv, "error": j.error, "wall_s": j.wall_s, **(j.result or {})} for j in every],
         "summary": summary,

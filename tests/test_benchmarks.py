@@ -185,6 +185,49 @@ def test_quality_tuned_protocol_chooses_on_validation_then_trains_seeds_on_test(
     assert "Learning-rate search" in report and "**" in report
 
 
+def test_quality_search_only_then_tuning_from_splits_the_protocol(tmp_path, tiny_bert_dir):
+    """--search-only writes the chosen rates and trains nothing on test; --tuning-from reuses them
+    (no search run is trained again) and trains the final seeds at exactly that rate."""
+    from conftest import SENTENCES, write_jsonl
+
+    bench = load_script("quality")
+    task = tmp_path / "data" / "tiny_cls"
+    task.mkdir(parents=True)
+    records = [{"text": s, "label": i % 2} for i, s in enumerate(SENTENCES)]
+    for split, rows in (("train", records), ("validation", records[:8]), ("test", records[8:20])):
+        write_jsonl(task / f"{split}.jsonl", rows)
+    common = ["--case", "minilm/tiny_cls", "--recipe", "encoder", "--model", f"minilm={tiny_bert_dir}", "--data-root", str(tmp_path / "data"),
+              "--methods", "cka-50", "--max-steps", "1", "--lr-grid", "1,2", "--widen", "0"]
+    assert bench.main(common + ["--seeds", "0", "--search-only", "--runs", str(tmp_path / "runs-a"), "--out", str(tmp_path / "search")]) == 0
+    search = json.loads((tmp_path / "search.json").read_text())
+    assert search["search_only"] is True
+    assert {r["phase"] for r in search["runs"]} == {"tune"} and len(search["runs"]) == 2
+    chosen = search["tuning"]["minilm/tiny_cls"]["cka-50"]["lr"]
+    assert chosen in (bench.ENCODER.lr, 2 * bench.ENCODER.lr)
+
+    assert bench.main(common + ["--seeds", "0,1", "--tuning-from", str(tmp_path / "search.json"), "--runs", str(tmp_path / "runs-b"), "--out", str(tmp_path / "final")]) == 0
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert {r["phase"] for r in final["runs"]} == {"final"} and len(final["runs"]) == 2
+    assert {r["lr"] for r in final["runs"]} == {chosen}
+    assert final["tuning"]["minilm/tiny_cls"]["cka-50"]["from"] == str(tmp_path / "search.json")
+    assert not (tmp_path / "runs-b" / "minilm__tiny_cls" / "tune").exists()
+
+    # with 2 grid points the best always sits at an edge: --widen 1 goes on from the saved scores,
+    # training only the one new point, and the final runs use the rate the widened search chose
+    assert bench.main(common[:-1] + ["1", "--seeds", "0", "--tuning-from", str(tmp_path / "search.json"), "--runs", str(tmp_path / "runs-c"), "--out", str(tmp_path / "widened")]) == 0
+    widened = json.loads((tmp_path / "widened.json").read_text())
+    entry = widened["tuning"]["minilm/tiny_cls"]["cka-50"]
+    assert len(entry["scores"]) == 3 and "from" not in entry
+    (added,) = set(entry["scores"]) - {"1", "2"}  # 0.5 or 4, whichever side the best sat on
+    assert [p.name for p in (tmp_path / "runs-c" / "minilm__tiny_cls" / "tune").iterdir() if p.is_dir()] == [f"cka-50-x{added}-seed0"]
+    assert {r["lr"] for r in widened["runs"] if r["phase"] == "final"} == {entry["lr"]}
+    assert "Learning-rate search" in (tmp_path / "search.md").read_text()
+
+    (tmp_path / "fixed.json").write_text(json.dumps({"protocol": "fixed", "tuning": {}}))
+    with pytest.raises(SystemExit, match="--tuning-from"):
+        bench.main(common + ["--tuning-from", str(tmp_path / "fixed.json"), "--out", str(tmp_path / "x")])
+
+
 def _fake_job(bench, validation: float | None, test: float):
     job = bench.Job("m/t", "x", 0, Path("/nonexistent"), ["train"])
     job.result = None if validation is None else {"final": {"validation": {"accuracy": validation}, "test": {"accuracy": test}}}
