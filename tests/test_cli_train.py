@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 
 import pytest
 import yaml
 from conftest import write_jsonl
 
 from lwlora import cli
+from lwlora.training.summary import format_summary as cli_summary
 from lwlora.configs import list_configs, load_config
 from lwlora.training.config import TrainConfig
 
@@ -259,3 +261,8 @@ def test_the_untuned_score_is_measured_to_read_the_trained_one_against(tiny_llam
                      "--batch-size", "4", "--max-length", "64", "--max-new-tokens", "4", "--device", "cpu", "--no-progress", "--eval-untuned"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["untuned"]["validation"]["n"] == 3 and "exact_match" in metrics["untuned"]["validation"]
+    # the teacher-forced loss sits next to the generated score, before and after training
+    assert set(metrics["final"]["validation"]) >= {"loss", "exact_match", "n"}
+    untuned_loss, final_loss = metrics["untuned"]["validation"]["loss"], metrics["final"]["validation"]["loss"]
+    assert math.isfinite(untuned_loss) and math.isfinite(final_loss) and untuned_loss != final_loss
+    assert "model_preparation_time" not in cli_summary(metrics)

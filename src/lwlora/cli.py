@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+import warnings
 from collections.abc import Sequence
 
 from lwlora.errors import ConfigError
@@ -96,12 +98,62 @@ def _task_epilog() -> str:
 
 
 def _disable_progress_bars() -> None:
-    """--no-progress: also silence the ecosystem's own bars (dataset building, weight loading)."""
+    """--no-progress: also silence the ecosystem's own bars (dataset building, weight loading, and
+    the GGUF dequantization bar, which transformers draws with a bare ``tqdm`` that its own
+    ``disable_progress_bar()`` does not reach)."""
+    import functools
+
     import datasets
     import transformers
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # a transformers without GGUF support: no bar to silence
+        return
+    if not isinstance(gguf_utils.tqdm, functools.partial):
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+
+
+#: transformers' own deprecations inside the stack lwlora drives (the Trainer and PEFT calling
+#: ``gradient_checkpointing_enable`` / ``is_gradient_checkpointing``): noise to a CLI user, who
+#: cannot act on them. The library itself leaves every warning alone.
+STACK_DEPRECATIONS = r".*is deprecated and will be removed in v6\b.*"
+
+
+def _quiet_stack_deprecations() -> None:
+    warnings.filterwarnings("ignore", message=STACK_DEPRECATIONS, category=FutureWarning)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class _PlainText(logging.Filter):
+    """Strips ANSI escape codes from a record's message unless the handler writes to a terminal
+    (transformers' weight-loading report puts bold codes in its title even when logging to a file)."""
+
+    def __init__(self, handler: logging.StreamHandler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        isatty = getattr(self.handler.stream, "isatty", None)
+        if not (callable(isatty) and isatty()):
+            message = record.getMessage()
+            if "\x1b" in message:
+                record.msg, record.args = _ANSI.sub("", message), None
+        return True
+
+
+def _plain_library_logs() -> None:
+    """No ANSI codes in the ecosystem's log lines when stderr is a log file, not a terminal."""
+    import transformers
+
+    transformers.utils.logging.get_logger()  # makes sure its handler exists
+    for handler in logging.getLogger("transformers").handlers:
+        if isinstance(handler, logging.StreamHandler) and not any(isinstance(f, _PlainText) for f in handler.filters):
+            handler.addFilter(_PlainText(handler))
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -179,7 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     _route_warnings_to_stderr()
+    _quiet_stack_deprecations()
     try:
+        if args.command != "export":  # the one command that never imports transformers
+            _plain_library_logs()
         return run_command(args)
     except ConfigError as exc:
         print(f"lwlora {args.command}: error: {exc}", file=sys.stderr)

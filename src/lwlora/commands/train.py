@@ -3,7 +3,6 @@ overrides), train, and print the run's summary."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from lwlora.training.config import TrainConfig
@@ -14,16 +13,12 @@ DEMO_CONFIG = "demo"
 
 def print_result(result: Any) -> None:
     """The run's summary (main process only: one report per distributed launch)."""
+    from lwlora.training.summary import format_summary
     from lwlora.training.trainer import is_main_process
 
     if not is_main_process():
         return
-    metrics = result.metrics
-    params = metrics["params"]
-    print(f"adapted blocks {metrics['selected']} of {metrics['num_layers']} ({metrics['method']})")
-    print(f"trainable parameters {params['trainable']:,} of {params['total']:,} (adapter {params['adapter']:,}, head {params['head']:,})")
-    print(f"train loss {metrics['train']['train_loss']:.4f} in {metrics['train']['runtime_s']:.1f} s, {metrics['train']['global_step']} steps")
-    print("final evaluation: " + json.dumps(metrics["final"], indent=None))
+    print(format_summary(result.metrics))
     print(f"wrote {result.run_dir}")
 
 

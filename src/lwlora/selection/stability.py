@@ -49,6 +49,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -376,69 +377,85 @@ def bootstrap_stability(
 # --------------------------------------------------------------------------- plot
 
 
+def stability_figure(report: StabilityReport, importances: Sequence[float | None], selected: Sequence[int]) -> Any:
+    """The ``stability.png`` figure (a matplotlib ``Figure``, no pyplot state): full-sample
+    importance bars in the colours of ``importance.png`` (:mod:`lwlora.selection.colors`), the
+    bootstrap percentile interval as whiskers, and each block's selection frequency on the right
+    axis over the shaded unstable band (``UNSTABLE_LOW < f < UNSTABLE_HIGH``). A degenerate block
+    (importance ``None``) is the red ✕ at 0."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch, Rectangle
+
+    from lwlora.selection import colors
+
+    num_blocks = len(importances)
+    xs = np.arange(num_blocks)
+    chosen = set(selected)
+    heights = [v if v is not None else 0.0 for v in importances]
+    fills = [colors.SELECTED if i in chosen else colors.FROZEN for i in range(num_blocks)]
+
+    fig = Figure(figsize=(max(6.4, 0.35 * num_blocks + 2.5), 4.2), dpi=120)
+    ax = fig.add_subplot()
+    ax.bar(xs, heights, color=fills, edgecolor=colors.EDGE, linewidth=0.4, zorder=2)
+    handles: list[Any] = colors.selected_handles(len(chosen), total=num_blocks)
+    degenerate = [i for i in range(num_blocks) if importances[i] is None]
+    if degenerate:
+        ax.plot(degenerate, [0.0] * len(degenerate), clip_on=False, zorder=6, **colors.DEGENERATE_MARKER)
+        handles.append(colors.degenerate_handle())
+
+    by_index = {layer.index: layer for layer in report.layers}
+    interval = [(i, by_index[i].importance_low, by_index[i].importance_high) for i in range(num_blocks) if i in by_index and by_index[i].importance_low is not None]
+    if interval:
+        ci_x, ci_low, ci_high = (np.asarray(v, dtype=float) for v in zip(*interval))
+        ax.errorbar(ci_x, ci_low, yerr=[np.zeros_like(ci_low), ci_high - ci_low], fmt="none", ecolor=colors.INTERVAL, elinewidth=1.2, capsize=4, zorder=4)
+        handles.append(Line2D([], [], color=colors.INTERVAL, linewidth=1.2, marker="_", markersize=8, label=f"{100 * report.confidence:.0f}% bootstrap interval"))
+    ax.set_xlabel("block")
+    ax.set_ylabel("importance (all n samples)")
+    ax.set_ylim(bottom=0.0)
+    if not any(heights) and not interval:
+        ax.set_ylim(0.0, 1.0)
+    ax.set_xlim(-0.6, num_blocks - 0.4)
+    ax.set_xticks(xs if num_blocks <= 40 else xs[:: max(1, num_blocks // 20)])
+    if num_blocks > 24:
+        ax.tick_params(axis="x", labelsize=7)
+
+    # the frequency axis spans -0.05..1.05: the unstable band in axes coordinates, behind the bars
+    low, high = -0.05, 1.05
+    band = ((UNSTABLE_LOW - low) / (high - low), (UNSTABLE_HIGH - low) / (high - low))
+    ax.add_patch(Rectangle((0.0, band[0]), 1.0, band[1] - band[0], transform=ax.transAxes, facecolor=colors.FREQUENCY, alpha=0.10, edgecolor="none", zorder=0))
+    handles.append(Patch(facecolor=colors.FREQUENCY, alpha=0.25, edgecolor="none", label=f"unstable: {100 * UNSTABLE_LOW:.0f}% < frequency < {100 * UNSTABLE_HIGH:.0f}%"))
+    ax2 = ax.twinx()
+    freq = [by_index[i].frequency if i in by_index else float("nan") for i in range(num_blocks)]
+    ax2.plot(xs, freq, color=colors.FREQUENCY, marker="o", markersize=4, linestyle="--", linewidth=1.2, zorder=5)
+    handles.append(Line2D([], [], color=colors.FREQUENCY, marker="o", markersize=4, linestyle="--", label="selection frequency (right axis)"))
+    ax2.set_ylim(low, high)
+    ax2.set_ylabel("selection frequency")
+    ax2.yaxis.set_major_formatter(lambda value, _: f"{100 * value:.0f}%")
+    for i in report.unstable_blocks:
+        if 0 <= i < num_blocks:
+            ax2.annotate(f"{100 * freq[i]:.0f}%", (i, freq[i]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7, color="#8a3b00", zorder=7,
+                         bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
+
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=7, frameon=False)
+    title = f"{report.scorer or 'importance'}: {report.num_replicates} bootstrap replicates, n = {report.num_samples}"
+    ax.set_title(f"{title}\nagreement with the full-sample selection {report.selection_agreement:.2f} (mean Jaccard)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def plot_stability(
     report: StabilityReport,
     importances: Sequence[float | None],
     selected: Sequence[int],
     path: str | Path,
 ) -> Path:
-    """Bar chart of full-sample importances (selected blocks highlighted) with the bootstrap
-    percentile interval as error bars, and the selection frequency on a second axis; saved to
-    ``path`` (format from the suffix, e.g. ``.png``). Degenerate blocks are drawn as an 'x' at 0."""
-    import matplotlib
+    """Write :func:`stability_figure` to ``path`` (atomically; format from the suffix, e.g.
+    ``.png``) and return the path."""
+    from lwlora.io import atomic_write
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    fig = stability_figure(report, importances, selected)
     path = Path(path)
-    num_blocks = len(importances)
-    xs = np.arange(num_blocks)
-    chosen = set(selected)
-    heights = [v if v is not None else 0.0 for v in importances]
-    colors = ["tab:orange" if i in chosen else "tab:blue" for i in range(num_blocks)]
-
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * num_blocks + 2.0), 4.0))
-    ax.bar(xs, heights, color=colors, alpha=0.8)
-    for i in range(num_blocks):
-        if importances[i] is None:
-            ax.plot([i], [0.0], marker="x", color="black")
-    by_index = {layer.index: layer for layer in report.layers}
-    ci_x, ci_low, ci_high = [], [], []
-    for i in range(num_blocks):
-        layer = by_index.get(i)
-        if layer is not None and layer.importance_low is not None:
-            ci_x.append(i)
-            ci_low.append(layer.importance_low)
-            ci_high.append(layer.importance_high)
-    if ci_x:
-        ax.vlines(ci_x, ci_low, ci_high, color="black", linewidth=1.2, label=f"{100 * report.confidence:.0f}% bootstrap CI")
-        ax.hlines(ci_low + ci_high, [x - 0.15 for x in ci_x] * 2, [x + 0.15 for x in ci_x] * 2, color="black", linewidth=1.2)
-    ax.set_xlabel("block")
-    ax.set_ylabel("importance")
-    ax.set_xticks(xs)
-    if num_blocks > 24:
-        ax.tick_params(axis="x", labelsize=6)
-
-    ax2 = ax.twinx()
-    freq = [by_index[i].frequency if i in by_index else float("nan") for i in range(num_blocks)]
-    ax2.plot(xs, freq, color="tab:red", marker="o", linestyle="--", label="selection frequency")
-    ax2.axhspan(UNSTABLE_LOW, UNSTABLE_HIGH, color="tab:red", alpha=0.06)
-    ax2.set_ylim(-0.05, 1.05)
-    ax2.set_ylabel("selection frequency")
-    for i in report.unstable_blocks:
-        if 0 <= i < num_blocks:
-            ax2.annotate(f"{100 * freq[i]:.0f}%", (i, freq[i]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7, color="tab:red")
-
-    handles, labels = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    from matplotlib.patches import Patch
-
-    handles += h2 + [Patch(color="tab:orange", label="selected"), Patch(color="tab:blue", label="not selected")]
-    labels += l2 + ["selected", "not selected"]
-    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=5, fontsize=7, frameon=False)
-    ax.set_title(f"{report.scorer or 'importance'}: {report.num_replicates} bootstrap replicates, n = {report.num_samples}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    fmt = path.suffix.lstrip(".") or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, bbox_inches="tight"))
     return path

@@ -332,6 +332,15 @@ def planned_steps(config: TrainConfig, num_examples: int, processes: int) -> int
     return math.ceil(config.epochs * math.ceil(batches / config.grad_accum))
 
 
+
+def merge_scores(into: dict[str, dict[str, Any]], scores: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Add ``scores`` (split -> metric -> value) to ``into`` split by split, so a split's generated
+    scores (exact match, pass@1) join its teacher-forced loss instead of replacing it."""
+    for split, values in scores.items():
+        into.setdefault(split, {}).update(values)
+    return into
+
+
 def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     """Select (if asked), train, evaluate and write RUN; see ``lwlora.training.run_dir``.
 
@@ -458,12 +467,17 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
         callbacks=[guard, run_loss, *(c for c in (pruner, sampler) if c is not None), *(callbacks or [])],
     )
     trainer.run_loss = run_loss
-    untuned: dict[str, Any] = {}
-    if config.eval_untuned and task.kind == "causal_lm" and task.eval_examples and main_process and saved_state is None:
-        from lwlora.training.evaluate import evaluate_task
+    untuned: dict[str, dict[str, Any]] = {}
+    if config.eval_untuned and task.kind == "causal_lm" and saved_state is None:
+        # adapters at initialisation leave the function unchanged (B = 0; PiSSA/EVA keep base + adapter
+        # equal to the base). The teacher-forced loss of the references first (every process: the
+        # Trainer gathers it), a far finer signal than a few problems' exact match.
+        for name, dataset in (eval_sets or {}).items():
+            untuned[name] = {"loss": trainer.evaluate(dataset, metric_key_prefix="eval")["eval_loss"]}
+        if task.eval_examples and main_process:
+            from lwlora.training.evaluate import evaluate_task
 
-        # adapters at initialisation leave the function unchanged (B = 0; PiSSA/EVA keep base + adapter equal to the base)
-        untuned = evaluate_task(model, tokenizer, task, batch_size=config.eval_batch_size or config.batch_size, max_new_tokens=config.max_new_tokens, choice_mode=config.choice_mode, progress=config.progress)
+            merge_scores(untuned, evaluate_task(model, tokenizer, task, batch_size=config.eval_batch_size or config.batch_size, max_new_tokens=config.max_new_tokens, choice_mode=config.choice_mode, progress=config.progress))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -508,7 +522,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
     if task.kind == "causal_lm" and task.eval_examples:
         from lwlora.training.evaluate import evaluate_task
 
-        final.update(evaluate_task(trainer.model, tokenizer, task, batch_size=config.eval_batch_size or config.batch_size, max_new_tokens=config.max_new_tokens, choice_mode=config.choice_mode, progress=config.progress))
+        merge_scores(final, evaluate_task(trainer.model, tokenizer, task, batch_size=config.eval_batch_size or config.batch_size, max_new_tokens=config.max_new_tokens, choice_mode=config.choice_mode, progress=config.progress))
     if config.merge and isinstance(model, PeftModel):
         merged = model.merge_and_unload()
         staging = run / ".merged.tmp"
