@@ -723,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one process each)")
     parser.add_argument("--gpus", default=None, help="comma-separated GPU ids to spread the runs over (default: none / as visible)")
     parser.add_argument("--no-bf16", action="store_true", help="train in fp32 even on a GPU")
+    parser.add_argument("--liger", action="store_true", help="instruction cases: train with lwlora train --liger (the loss fused with the output layer: no vocabulary-sized logits; needs liger-kernel and a GPU)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap every run's steps (smoke runs)")
     parser.add_argument("--retries", type=int, default=1, help="times a failed run is tried again, alone on its GPU (default 1)")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds after which no new run starts; the summary covers the finished runs")
@@ -799,6 +800,8 @@ def main(argv: list[str] | None = None) -> int:
         model = models[case.split("/", 1)[0]]
         argv = build_argv(case, method, seed, model=model, data_root=data_root, run_dir=run_dir, recipe=recipe_of[case], bf16=bf16, max_steps=args.max_steps, lr=lr, eval_splits="validation" if phase == "tune" else "test",
                           data_dir=Path(tuning_data[case]["path"]) if phase == "tune" and case in tuning_data else None)
+        if args.liger and method not in UNTRAINED_METHODS and recipe_of[case].task == "instruction":
+            argv.append("--liger")
         return Job(case, method, seed, run_dir, argv, lr=lr, phase=phase, lr_multiple=multiple)
 
     tuning: dict[str, Any] = {}

@@ -465,3 +465,19 @@ def test_tuning_split_holds_out_whole_groups(tmp_path):
     argv = bench.build_argv("qwen05/math_gsm_symbolic", "cka-50", 0, model="m", data_root=Path("/d"), run_dir=Path("/r"), recipe=recipe, bf16=False, max_steps=None, eval_splits="validation", data_dir=tmp_path / "tune")
     assert argv[argv.index("--data") + 1] == str(tmp_path / "tune")
     assert recipe.group_column == "template"
+
+
+def test_quality_liger_flag_reaches_the_instruction_runs_only(tmp_path, tiny_llama_dir):
+    """--liger is added to every trained instruction run (here on the CPU, where lwlora refuses it
+    with a --liger error: the run fails, and the report says why)."""
+    bench = load_script("quality")
+    task = tmp_path / "data" / "tiny_inst"
+    task.mkdir(parents=True)
+    rows = [{"instruction": f"the cat sat {i} times", "output": f"so #### {i}", "answer": str(i)} for i in range(8)]
+    for split in ("train", "validation", "test"):
+        (task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--case", "smollm2/tiny_inst", "--recipe", "decoder-gsm", "--model", f"smollm2={tiny_llama_dir}", "--data-root", str(tmp_path / "data"),
+            "--methods", "all-layer", "--protocol", "fixed", "--seeds", "0", "--max-steps", "1", "--retries", "0", "--liger", "--out", str(tmp_path / "q")]
+    assert bench.main(argv) == 1
+    (run,) = json.loads((tmp_path / "q.json").read_text())["runs"]
+    assert run["argv"][-1] == "--liger" and "--liger" in run["error"]

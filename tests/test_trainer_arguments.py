@@ -50,3 +50,41 @@ def test_callbacks_from_python_reach_the_trainer(tiny_bert_dir, tmp_path):
 
     train(TrainConfig(model=str(tiny_bert_dir), task="classification", data=str(data), out=str(tmp_path / "run"), layers="last", num_layers=1, max_steps=3, batch_size=8, max_length=24, device="cpu", progress=False), callbacks=[Count()])
     assert steps == [1, 2, 3]
+
+
+def test_liger_reaches_the_trainer_and_is_off_by_default(tmp_path, monkeypatch):
+    """--liger is TrainingArguments.use_liger_kernel (the Trainer patches the model and skips eval logits)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "liger_kernel" else real(name, *a))
+    assert _training_arguments(_config(), tmp_path, has_eval=True, device=torch.device("cpu"), causal_lm=True).use_liger_kernel is False
+    assert _training_arguments(_config(liger=True), tmp_path, has_eval=True, device=torch.device("cpu"), causal_lm=True).use_liger_kernel is True
+
+
+def test_liger_without_its_package_is_a_one_line_liger_error(monkeypatch):
+    import importlib.util
+
+    import pytest
+
+    from lwlora.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    with pytest.raises(ConfigError, match="pip install liger-kernel") as caught:
+        _config(liger=True)
+    assert caught.value.flag == "--liger"
+
+
+def test_liger_on_the_cpu_fails_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from lwlora import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "liger_kernel" else real(name, *a))
+    out = tmp_path / "run"
+    code = cli.main(["train", "m", "--task", "instruction", "--data", str(tmp_path), "--out", str(out), "--device", "cpu", "--liger"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "--liger" in err[0] and "CUDA" in err[0], err
+    assert not out.exists()

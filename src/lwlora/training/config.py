@@ -17,6 +17,7 @@ spell the choice of blocks flat, and so may Python callers (``TrainConfig(..., r
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -144,6 +145,7 @@ class TrainConfig:
     bf16: bool = option(False, "bf16 mixed precision")
     fp16: bool = option(False, "fp16 mixed precision")
     gradient_checkpointing: bool = option(False, "non-reentrant activation checkpointing (frozen lower blocks still skip backward)")
+    liger: bool = option(False, "liger-kernel's Triton kernels through the Trainer (TrainingArguments.use_liger_kernel): a causal LM's loss fused with its output layer, chunk by chunk, so the vocabulary-sized logits never exist whole; needs pip install liger-kernel and a CUDA GPU")
     deepspeed: str | None = option(None, "a DeepSpeed config file for the Trainer (TrainingArguments.deepspeed)")
     report_to: str = option("none", "where the Trainer logs: none, tensorboard, wandb, ... (comma-separated; TrainingArguments.report_to)")
     eval_every: int | None = option(None, "evaluate every N steps (default: every epoch)")
@@ -282,6 +284,8 @@ class TrainConfig:
         check_device(self.device)
 
     def _check_run(self) -> None:
+        if self.liger and importlib.util.find_spec("liger_kernel") is None:
+            raise ConfigError("--liger", "needs the liger-kernel package: pip install liger-kernel (its Triton kernels run on a CUDA GPU)")
         if self.dynamic_blocks is not None:
             if not self.dynamic_blocks > 0:
                 raise ConfigError("--dynamic-blocks", f"must be positive (a share of the blocks below 1, or a count), got {self.dynamic_blocks}")

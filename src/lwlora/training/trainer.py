@@ -140,6 +140,7 @@ def _training_arguments(config: TrainConfig, run: Path, has_eval: bool, device: 
         label_names=["labels"],
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
+        use_liger_kernel=config.liger,
     )
     if config.eval_every:
         kwargs["eval_steps"] = config.eval_every
@@ -362,6 +363,8 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
     from lwlora.training.report import plot_loss_curve, summarise_history
 
     device = resolve_training_device(config.device)  # a missing GPU fails here, before anything else
+    if config.liger and device.type != "cuda":
+        raise ConfigError("--liger", f"liger-kernel's Triton kernels need a CUDA GPU; this run trains on {device} (drop --liger or use --device cuda)")
     # Under accelerate launch / torchrun every process runs this function; only the main one
     # checks and writes RUN (the Trainer coordinates checkpoints itself).
     main_process = is_main_process()
