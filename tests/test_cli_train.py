@@ -266,3 +266,4 @@ def test_the_untuned_score_is_measured_to_read_the_trained_one_against(tiny_llam
     untuned_loss, final_loss = metrics["untuned"]["validation"]["loss"], metrics["final"]["validation"]["loss"]
     assert math.isfinite(untuned_loss) and math.isfinite(final_loss) and untuned_loss != final_loss
     assert "model_preparation_time" not in cli_summary(metrics)
+    assert metrics["eval_history"][0] == {"step": 0, "validation_loss": untuned_loss}  # the loss curve starts at the untuned model

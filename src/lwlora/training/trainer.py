@@ -533,7 +533,8 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
         tokenizer.save_pretrained(staging)
         publish_directory(run, "merged", staging)
 
-    history = trainer.state.log_history
+    # trainer.train() starts a fresh log history: the untuned losses go in front, as step 0
+    history = [{"step": 0, f"eval_{name}_loss": scores["loss"]} for name, scores in untuned.items() if "loss" in scores] + trainer.state.log_history
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
     metrics = {
         "task": config.task,
