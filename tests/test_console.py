@@ -226,7 +226,9 @@ def test_no_progress_also_silences_the_gguf_dequantization_bar(monkeypatch, caps
     gguf_utils = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
     from lwlora import cli
 
-    monkeypatch.setattr(gguf_utils, "tqdm", gguf_utils.tqdm)  # restored after the test
+    from tqdm.auto import tqdm
+
+    monkeypatch.setattr(gguf_utils, "tqdm", tqdm)  # as transformers ships it (an earlier --no-progress in this process may have wrapped it); restored after the test
     for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
         pass
     assert "de-quantizing" in capsys.readouterr().err  # drawn by default

@@ -324,6 +324,22 @@ def _trainer_class():
     return LwloraTrainer
 
 
+def fsdp_launch() -> int | None:
+    """The FSDP version ``accelerate launch`` asked for (its ``ACCELERATE_USE_FSDP`` and
+    ``FSDP_VERSION`` environment, which the Trainer's Accelerator reads), else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    return int(os.environ.get("FSDP_VERSION", "1"))
+
+
+def sharded_generation(trainer: Any) -> bool:
+    """Whether generating with ``trainer``'s model needs every process: under FSDP the model is
+    sharded (FSDP2's ``fully_shard`` in place, once the Trainer has prepared it), and each forward
+    pass all-gathers the blocks' weights from all processes. Generation on the main process alone
+    then fails (gloo: "Connection closed by peer" once the other processes have exited) or hangs."""
+    return bool(getattr(trainer, "is_fsdp_enabled", False)) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def planned_steps(config: TrainConfig, num_examples: int, processes: int) -> int:
     """The optimizer steps the whole run makes, as the Trainer counts them: ``--max-steps``, else
     ceil(epochs x steps per epoch), a step being ``--grad-accum`` batches of every process."""
@@ -365,6 +381,10 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
     device = resolve_training_device(config.device)  # a missing GPU fails here, before anything else
     if config.liger and device.type != "cuda":
         raise ConfigError("--liger", f"liger-kernel's Triton kernels need a CUDA GPU; this run trains on {device} (drop --liger or use --device cuda)")
+    if config.merge and fsdp_launch() is not None:
+        raise ConfigError("--merge", "cannot run under FSDP: the trained weights are sharded over the processes, and merging on the main process alone needs the others (PEFT's merge_and_unload gathers them); drop --merge and merge RUN/adapter in one process (PeftModel.from_pretrained(base, RUN/adapter).merge_and_unload())")
+    if config.eval_untuned and fsdp_launch() == 2:
+        raise ConfigError("--eval-untuned", "cannot run under FSDP2: the Trainer's evaluation before training prepares the model alone, and accelerate's FSDP2 needs the model and its optimizer together (ValueError in Accelerator.prepare); drop --eval-untuned (or measure the untuned model in one process with `lwlora eval`)")
     # Under accelerate launch / torchrun every process runs this function; only the main one
     # checks and writes RUN (the Trainer coordinates checkpoints itself).
     main_process = is_main_process()
@@ -518,6 +538,12 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
     staging = run / f".{weights}.tmp"
     trainer.save_model(str(staging))
     if not main_process:  # evaluation by generation and all other writing: the main process only
+        if task.kind == "causal_lm" and task.eval_examples and sharded_generation(trainer):
+            from lwlora.training.evaluate import evaluate_task
+
+            # the main process generates with the sharded model: each of its forward passes gathers
+            # every block from all processes, so they all run the same generation (scores unused)
+            evaluate_task(trainer.model, tokenizer, task, batch_size=config.eval_batch_size or config.batch_size, max_new_tokens=config.max_new_tokens, choice_mode=config.choice_mode, progress=False)
         return TrainResult(run_dir=place.target, metrics={"final": final}, selection=selection, model=model, tokenizer=tokenizer, task=task)
     tokenizer.save_pretrained(staging)
     publish_directory(run, weights, staging)
