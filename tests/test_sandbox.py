@@ -627,3 +627,31 @@ def test_number_of_files_is_limited():
     res = _run("for i in range(12_000):\n    open(f'f{i}', 'w').close()")
     assert res.status == "error", res
     assert "No space left on device" in res.detail or "disk limit" in res.detail, res.detail
+
+
+def test_an_interpreter_under_tmp_still_runs_behind_the_private_tmp():
+    """A virtual environment under /tmp (a clone in /tmp, a cluster's scratch venv) stays reachable
+    although /tmp becomes the program's own empty tmpfs; the rest of the real /tmp stays hidden."""
+    import shutil
+    import subprocess
+    import sys
+
+    home = tempfile.mkdtemp(prefix="lwlora-venv-", dir="/tmp")
+    os.chmod(home, 0o755)
+    marker = tempfile.NamedTemporaryFile(prefix="lwlora-visible-", dir="/tmp", delete=False)
+    marker.close()
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", os.path.join(home, "venv")], check=True, timeout=120)
+        python = os.path.join(home, "venv", "bin", "python")
+        res = _run(
+            f"""
+            import os, sys
+            assert sys.prefix == {os.path.join(home, "venv")!r}, sys.prefix
+            assert os.path.exists({marker.name!r}) == {_limitation(run_python("pass"), "filesystem") is not None!r}
+            """,
+            python=python,
+        )
+        assert res.passed, res.detail
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+        os.unlink(marker.name)

@@ -811,8 +811,9 @@ def _private_filesystem(
         _expose(libc, job["paths"], stage)
     libc.detach(stage)
     limitations.extend(_make_read_only(libc))
+    kept = _hold_paths_under_shared_dirs(libc, job["paths"])
     size = job["max_disk_bytes"] or 0  # 0: unlimited
-    inodes = job["max_files"] + 8 if job["max_files"] else 0  # room for work/ and program.py
+    inodes = job["max_files"] + 8 + sum(p.count("/") for _, p in kept) if job["max_files"] else 0  # room for work/, program.py and the held paths' directories
     owner = f",uid={ident},gid={ident}" if ident is not None else ""
     options = f"size={size},nr_inodes={inodes},mode=0700{owner}"
     libc.mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, options)
@@ -822,6 +823,10 @@ def _private_filesystem(
     for shared in ("/var/tmp", "/dev/shm"):
         if os.path.isdir(shared):
             libc.mount("/tmp", shared, None, _MS_BIND)
+    for held, path in kept:  # the interpreter's paths under /tmp, back at their places, read-only
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        libc.mount(held, path, None, _MS_BIND | _MS_REC)
+        libc.mount(None, path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
     # Empty over /proc (other processes, and our own memory) and /run (daemons' sockets, which
     # stay connectable on a read-only mount and in a new network namespace).
     readonly = _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
@@ -829,6 +834,27 @@ def _private_filesystem(
         if os.path.isdir(hidden) and not os.path.islink(hidden):
             libc.mount("tmpfs", hidden, "tmpfs", readonly, "size=4k,mode=0555")
     return _Layout(ident, work="/tmp/work", tmp="/tmp", program="/tmp/program.py", polled=None)
+
+
+def _hold_paths_under_shared_dirs(libc: _Libc, paths: Iterable[str]) -> list[tuple[str, str]]:
+    """The interpreter's paths that the private tmpfs on /tmp (and /var/tmp, /dev/shm) would hide
+    (a virtual environment under /tmp): each outermost one is bind-mounted to a hold under /run
+    (itself covered with an empty tmpfs later), to be mounted back at its place once the tmpfs is
+    up. Returns (hold, path) pairs; none when no path lies under those directories."""
+    under = sorted({p for p in paths if any(p == d or p.startswith(d + "/") for d in _SHARED_DIRS[:3])})
+    outermost = [p for p in under if not any(p.startswith(q + "/") for q in under)]
+    if not outermost:
+        return []
+    if not os.path.isdir("/run") or os.path.islink("/run"):
+        raise RuntimeError(f"the sandbox's interpreter lives under a shared temporary directory ({outermost[0]}) and this system has no /run to hold it while /tmp is replaced; use a Python outside /tmp, /var/tmp and /dev/shm")
+    libc.mount("tmpfs", "/run", "tmpfs", _MS_NOSUID | _MS_NODEV, "size=64k,mode=0700")
+    kept = []
+    for number, path in enumerate(outermost):
+        hold = f"/run/held-{number}"
+        os.mkdir(hold, 0o700)
+        libc.mount(path, hold, None, _MS_BIND | _MS_REC)
+        kept.append((hold, path))
+    return kept
 
 
 def _expose(libc: _Libc, paths: Iterable[str], stage: str) -> None:
