@@ -130,16 +130,19 @@ def test_fsdp2_with_adapters_on_some_blocks_matches_one_process_and_resumes(tiny
     assert [h["loss"] for h in resumed["loss_history"]] == pytest.approx([h["loss"] for h in sharded["loss_history"]], rel=1e-4)
 
 
-@pytest.mark.parametrize("flag, version", [("--merge", "1"), ("--merge", "2"), ("--eval-untuned", "2")])
+@pytest.mark.parametrize("flag, version", [("--merge", "1"), ("--merge", "2"), ("--eval-untuned", "2"), ("--prune-at 0.1", "2"), ("--dynamic-blocks 0.5", "1")])
 def test_what_fsdp_cannot_do_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys, flag, version):
     """--merge needs every shard on one process; FSDP2 prepares a model only with its optimizer,
-    so the evaluation before training (--eval-untuned) cannot run. Each is a one-line error."""
+    so the evaluation before training (--eval-untuned) cannot run; --prune-at and --dynamic-blocks
+    remove or freeze adapters block by block, which sharding does not allow. Each is a one-line
+    error (accelerate launch sets FSDP by environment, not through TrainingArguments.fsdp)."""
     from lwlora import cli
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", version)
     out = tmp_path / "run"
-    code = cli.main(["train", "m", "--task", "instruction", "--data", str(tmp_path), "--out", str(out), "--device", "cpu", flag])
+    extra = ["--layers", "all"] if flag.startswith(("--prune-at", "--dynamic-blocks")) else []
+    code = cli.main(["train", "m", "--task", "instruction", "--data", str(tmp_path), "--out", str(out), "--device", "cpu", *flag.split(), *extra])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert code == 2 and len(err) == 1 and flag in err[0] and "FSDP" in err[0], err
+    assert code == 2 and len(err) == 1 and flag.split()[0] in err[0] and "FSDP" in err[0], err
     assert not out.exists()

@@ -383,6 +383,9 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
         raise ConfigError("--liger", f"liger-kernel's Triton kernels need a CUDA GPU; this run trains on {device} (drop --liger or use --device cuda)")
     if config.merge and fsdp_launch() is not None:
         raise ConfigError("--merge", "cannot run under FSDP: the trained weights are sharded over the processes, and merging on the main process alone needs the others (PEFT's merge_and_unload gathers them); drop --merge and merge RUN/adapter in one process (PeftModel.from_pretrained(base, RUN/adapter).merge_and_unload())")
+    if fsdp_launch() is not None and (config.prune_at is not None or config.dynamic_blocks is not None):
+        flag = "--prune-at" if config.prune_at is not None else "--dynamic-blocks"
+        raise ConfigError(flag, "supports one process and DDP, not FSDP: FSDP shards the adapters it removes or freezes block by block; launch without the FSDP config (plain accelerate launch / torchrun is DDP)")
     if config.eval_untuned and fsdp_launch() == 2:
         raise ConfigError("--eval-untuned", "cannot run under FSDP2: the Trainer's evaluation before training prepares the model alone, and accelerate's FSDP2 needs the model and its optimizer together (ValueError in Accelerator.prepare); drop --eval-untuned (or measure the untuned model in one process with `lwlora eval`)")
     # Under accelerate launch / torchrun every process runs this function; only the main one
