@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _route_warnings_to_stderr()
     _quiet_stack_deprecations()
     try:
-        if args.command != "export":  # the one command that never imports transformers
+        if args.command != "export":  # export only writes text: it need not load transformers
             _plain_library_logs()
         return run_command(args)
     except ConfigError as exc:

@@ -349,7 +349,6 @@ def planned_steps(config: TrainConfig, num_examples: int, processes: int) -> int
     return math.ceil(config.epochs * math.ceil(batches / config.grad_accum))
 
 
-
 def merge_scores(into: dict[str, dict[str, Any]], scores: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Add ``scores`` (split -> metric -> value) to ``into`` split by split, so a split's generated
     scores (exact match, pass@1) join its teacher-forced loss instead of replacing it."""
