@@ -192,6 +192,24 @@ class Job:
     lr_multiple: float | None = None
 
 
+#: the fields of a run's JSON record that describe the job; the rest is what the run reported (read_run)
+JOB_FIELDS = ("case", "method", "seed", "phase", "lr", "lr_multiple", "run_dir", "argv", "error", "wall_s")
+
+
+def run_record(job: Job) -> dict[str, Any]:
+    """A job as one entry of OUT.json's ``runs``: its fields, then its result's."""
+    fields = {name: getattr(job, name) for name in JOB_FIELDS}
+    return {**fields, "run_dir": str(job.run_dir), **(job.result or {})}
+
+
+def job_from_record(record: dict[str, Any]) -> Job:
+    """The inverse of :func:`run_record`: a finished job read back from a saved OUT.json."""
+    job = Job(**{name: record.get(name) for name in JOB_FIELDS if name != "run_dir"}, run_dir=Path(record["run_dir"]))
+    result = {key: value for key, value in record.items() if key not in JOB_FIELDS}
+    job.result = result or None
+    return job
+
+
 def build_argv(case: str, method: str, seed: int, *, model: str, data_root: Path, run_dir: Path, recipe: Recipe, bf16: bool, max_steps: int | None, lr: float | None = None, eval_splits: str = "test", data_dir: Path | None = None) -> list[str]:
     """The ``lwlora train`` arguments of one run (``lwlora eval`` for ``untuned``) at ``lr``
     (default: the recipe's rate for the method), scored on ``eval_splits`` of the case's data
@@ -520,9 +538,7 @@ def reused_tuning(path: Path, cases: list[str], methods: list[str], *, widen: in
                 continue
             for run in saved.get("runs", []):
                 if run.get("phase") == "tune" and run["case"] == case and run["method"] == method and run.get("final"):
-                    job = Job(case, method, run["seed"], Path(run["run_dir"]), run["argv"], lr=run["lr"], phase="tune", lr_multiple=run["lr_multiple"], wall_s=run.get("wall_s"))
-                    job.result = {key: run.get(key) for key in ("final", "params", "runtime_s", "selected", "adapter_rank", "train_loss", "step_s", "peak_memory_gib")}
-                    done[(case, method, float(run["lr_multiple"]))] = job
+                    done[(case, method, float(run["lr_multiple"]))] = job_from_record(run)
     return chosen, done
 
 
@@ -861,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
         "tuning": tuning,
         "search_only": args.search_only,
         "tuning_data": tuning_data,
-        "runs": [{"case": j.case, "method": j.method, "seed": j.seed, "phase": j.phase, "lr": j.lr, "lr_multiple": j.lr_multiple, "run_dir": str(j.run_dir), "argv": j.argv, "error": j.error, "wall_s": j.wall_s, **(j.result or {})} for j in every],
+        "runs": [run_record(j) for j in every],
         "summary": summary,
     }
     baselines = {case: trivial_baseline(data_root, case) for case in cases}

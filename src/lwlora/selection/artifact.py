@@ -207,6 +207,20 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def model_fields(stack: Any, *, model_label: str, gguf_file: str | None, model_kind: str) -> dict[str, Any]:
+    """The :class:`LayerSelection` fields that describe the model and its block stack (every
+    selection, scored or by rule, records them the same way)."""
+    return {
+        "model": model_label,
+        "gguf_file": gguf_file,
+        "model_kind": model_kind,
+        "layers_path": stack.path,
+        "tower": stack.tower,
+        "num_layers": stack.num_layers,
+        "block_linear_modules": stack.block_linear_modules(),
+    }
+
+
 def rule_selection(options: Any, stack: Any, model_kind: str, selected: list[int], rule: str, *, model_label: str, gguf_file: str | None = None) -> LayerSelection:
     """A selection made by a rule rather than by scores (every importance ``None``): ``all``,
     ``first``, ``last``, ``random``, ``explicit`` blocks. ``options``: the SelectOptions (its
@@ -215,13 +229,7 @@ def rule_selection(options: Any, stack: Any, model_kind: str, selected: list[int
 
     suffixes, exact = adapter_targets(stack, options.target_modules)
     return LayerSelection(
-        model=model_label,
-        gguf_file=gguf_file,
-        model_kind=model_kind,
-        layers_path=stack.path,
-        tower=stack.tower,
-        num_layers=stack.num_layers,
-        block_linear_modules=stack.block_linear_modules(),
+        **model_fields(stack, model_label=model_label, gguf_file=gguf_file, model_kind=model_kind),
         scorer=rule,
         similarity_name="none",
         pooling="none",

@@ -25,7 +25,7 @@ from lwlora.blocks import BlockStack, resolve_block_stack
 from lwlora.data import TextSamples, few_samples_warning
 from lwlora.errors import ConfigError
 from lwlora.models import fit_max_length, infer_model_kind, prepare_tokenizer
-from lwlora.selection.artifact import LayerRecord, LayerSelection, library_versions, rule_selection
+from lwlora.selection.artifact import LayerRecord, LayerSelection, library_versions, model_fields, rule_selection
 from lwlora.selection.capture import (
     STATISTICS,
     BlockRepresentations,
@@ -289,8 +289,7 @@ def select_units(options: SelectOptions, model: nn.Module, tokenizer: Any, sampl
     cost = selection_cost(stack, selected, suffixes, options.r, exact=exact, hidden_size=getattr(model.config, "hidden_size", None), seq_len=max_length).to_json()
     timings["total_s"] = time.perf_counter() - start
     return LayerSelection(
-        model=model_label, gguf_file=gguf_file, model_kind=model_kind, layers_path=stack.path, tower=stack.tower, num_layers=stack.num_layers,
-        block_linear_modules=stack.block_linear_modules(), scorer=options.scorer, similarity_name=layer_scorer.similarity_name, pooling=pooling,
+        **model_fields(stack, model_label=model_label, gguf_file=gguf_file, model_kind=model_kind), scorer=options.scorer, similarity_name=layer_scorer.similarity_name, pooling=pooling,
         num_samples=len(samples), data=data_label, data_fingerprint=samples.fingerprint,
         policy={"granularity": "sublayer", "param_budget": budget, "selected_params": sum(params[u] for u in chosen), "all_layer_params": sum(params)},
         layers=blocks, selected=selected, units=units, warnings=warnings,
@@ -385,13 +384,7 @@ def select_on_model(
         logger.warning(message)
     timings["total_s"] = time.perf_counter() - start
     return LayerSelection(
-        model=model_label,
-        gguf_file=gguf_file,
-        model_kind=model_kind,
-        layers_path=stack.path,
-        tower=stack.tower,
-        num_layers=stack.num_layers,
-        block_linear_modules=stack.block_linear_modules(),
+        **model_fields(stack, model_label=model_label, gguf_file=gguf_file, model_kind=model_kind),
         scorer=options.scorer,
         similarity_name=layer_scorer.similarity_name,
         pooling=pooling,
