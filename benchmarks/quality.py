@@ -645,6 +645,23 @@ def plot(summary: dict[str, Any], path: Path, baselines: dict[str, float | None]
         plt.close(fig)
 
 
+def method_styles(methods: list[str]) -> dict[str, dict[str, str]]:
+    """One marker and colour per method, fixed for the whole figure (a panel that skips a method,
+    such as the untuned model in the step-time panel, must not shift the others' colours). The
+    paper's CKA rule is red; the rest take matplotlib's palette without its red."""
+    markers = "osD^v<>pPX*h"
+    palette = [f"C{i}" for i in range(10) if i != 3]  # C3 is red
+    styles: dict[str, dict[str, str]] = {}
+    others = 0
+    for index, method in enumerate(methods):
+        if method.startswith("cka"):
+            color = "#c44e52"
+        else:
+            color, others = palette[others % len(palette)], others + 1
+        styles[method] = {"marker": markers[index % len(markers)], "color": color}
+    return styles
+
+
 def plot_tradeoff(summary: dict[str, Any], path: Path, recipes: dict[str, dict[str, Any]]) -> None:
     """Quality against cost, one row per case: test metric (mean ± std over seeds) against the
     trainable parameters relative to all-layer LoRA (left) and against the step time (right), one
@@ -658,19 +675,19 @@ def plot_tradeoff(summary: dict[str, Any], path: Path, recipes: dict[str, dict[s
     if not cases:
         return
     fig, axes = plt.subplots(len(cases), 2, figsize=(9, 3.2 * len(cases)), squeeze=False)
-    markers = "osD^v<>pPX*h"
+    styles = method_styles(list(dict.fromkeys(m for c in cases for m in summary[c])))
     for row, case in zip(axes, cases):
         metric = recipes.get(case, {}).get("metric", "accuracy")
         base = summary[case]["all-layer"]
         base_params = (base.get("trainable_params") or {}).get("mean")
         base_score = base["final"].get("test", {}).get(metric)
-        for index, (method, stats) in enumerate(summary[case].items()):
+        for method, stats in summary[case].items():
             test = stats["final"].get("test", {}).get(metric)
             if not test:
                 continue
             params = (stats.get("trainable_params") or {}).get("mean")
             step = (stats.get("step_s") or {}).get("mean")
-            style = dict(marker=markers[index % len(markers)], linestyle="none", label=method, color="#c44e52" if method.startswith("cka") else None)
+            style = dict(linestyle="none", label=method, **styles[method])
             if params is not None and base_params:
                 row[0].errorbar(params / base_params, 100 * test["mean"], yerr=100 * test["std"], **style)
             if step is not None:
@@ -838,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics={c: recipe_of[c].metric for c in cases}, widen=args.widen, run=run, done=done,
         )
         for case, per_method in searched.items():
-            tuning[case] = {}
+            tuning.setdefault(case, {})  # keeps the entries reused from --tuning-from next to the searched ones
             for method, entry in per_method.items():
                 tune_jobs += entry.pop("jobs")
                 if method in reused.get(case, {}):

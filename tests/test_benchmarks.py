@@ -223,6 +223,13 @@ def test_quality_search_only_then_tuning_from_splits_the_protocol(tmp_path, tiny
     assert {r["lr"] for r in widened["runs"] if r["phase"] == "final"} == {entry["lr"]}
     assert "Learning-rate search" in (tmp_path / "search.md").read_text()
 
+    # a reused search and a new one in the same run: OUT.json records both (the reused one with "from")
+    both = common[:8] + ["--methods", "cka-50,random-50"] + common[10:]
+    assert bench.main(both + ["--seeds", "0", "--search-only", "--tuning-from", str(tmp_path / "search.json"), "--runs", str(tmp_path / "runs-d"), "--out", str(tmp_path / "both")]) == 0
+    tuned = json.loads((tmp_path / "both.json").read_text())["tuning"]["minilm/tiny_cls"]
+    assert set(tuned) == {"cka-50", "random-50"} and tuned["cka-50"]["lr"] == chosen and "from" not in tuned["random-50"]
+    assert "| cka-50 |" in (tmp_path / "both.md").read_text()
+
     (tmp_path / "fixed.json").write_text(json.dumps({"protocol": "fixed", "tuning": {}}))
     with pytest.raises(SystemExit, match="--tuning-from"):
         bench.main(common + ["--tuning-from", str(tmp_path / "fixed.json"), "--out", str(tmp_path / "x")])
@@ -481,3 +488,16 @@ def test_quality_liger_flag_reaches_the_instruction_runs_only(tmp_path, tiny_lla
     assert bench.main(argv) == 1
     (run,) = json.loads((tmp_path / "q.json").read_text())["runs"]
     assert run["argv"][-1] == "--liger" and "--liger" in run["error"]
+
+
+def test_tradeoff_styles_are_fixed_per_method():
+    """Each method keeps one marker and colour in both panels (the step-time panel skips the
+    untuned model, which once shifted every colour after it); CKA methods alone are red."""
+    bench = load_script("quality")
+    methods = ["untuned", "all-layer", "cka-50", "random-50", "equal-budget", "cka-debiased-50"]
+    styles = bench.method_styles(methods)
+    assert list(styles) == methods
+    assert len({s["marker"] for s in styles.values()}) == len(methods)
+    others = [styles[m]["color"] for m in methods if not m.startswith("cka")]
+    assert len(set(others)) == len(others) and "C3" not in others and "#c44e52" not in others
+    assert styles["cka-50"]["color"] == styles["cka-debiased-50"]["color"] == "#c44e52"
