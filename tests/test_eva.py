@@ -86,3 +86,22 @@ def test_eva_on_a_classifier(tiny_bert_dir, cls_dir, tmp_path):
 def test_eva_bad_input(tiny_bert_dir, cls_dir, tmp_path, capsys, extra, flag):
     assert _train(tiny_bert_dir, "classification", cls_dir, tmp_path / "run", *extra) == 2
     assert flag in capsys.readouterr().err
+
+
+def test_eva_under_bf16_autocast_takes_its_svd_in_float32(tiny_llama_dir, instruct_dir, tmp_path, monkeypatch):
+    """`--bf16` applies the adapters inside the training autocast. CUDA autocast turns the matmuls
+    inside torch.svd_lowrank into bfloat16 ones and torch's QR has no bfloat16 kernel: on the H200
+    EVA failed with '"geqrf_cuda" not implemented for BFloat16'. CPU autocast hides this (it runs
+    QR in float32 itself), so QR here refuses bfloat16 as CUDA's does: EVA must run autocast-free."""
+    real_qr = torch.linalg.qr
+
+    def cuda_like_qr(a, *args, **kwargs):
+        if a.dtype == torch.bfloat16:
+            raise RuntimeError('"geqrf_cuda" not implemented for \'BFloat16\'')
+        return real_qr(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "qr", cuda_like_qr)
+    out = tmp_path / "run"
+    assert _train(tiny_llama_dir, "instruction", instruct_dir, out, "--layers", "2,3", "--max-new-tokens", "4", "--bf16") == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] == "eva" and config["rank_pattern"]

@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from lwlora.blocks import BlockStack, find_block_stacks, get_module, is_linear, tower_of
@@ -378,13 +379,19 @@ def initialize_eva(peft_model: nn.Module, batches: Sequence[dict[str, Any]]) -> 
     """PEFT's EVA initialisation (``peft.initialize_lora_eva_weights``) on ``batches``: each
     adapted layer's A takes the top right-singular vectors of its inputs (incremental SVD until
     they stop changing, cosine ≥ tau), its rank the share of explained variance (at most rho x r,
-    the total kept), B starts at zero. Runs the model forward only, in eval mode."""
+    the total kept), B starts at zero. Runs the model forward only, in eval mode, with autocast off:
+    under ``--bf16`` the caller's autocast would turn the matmuls inside ``torch.svd_lowrank`` into
+    bfloat16 ones, and torch's QR (geqrf) has no bfloat16 kernel on CPU or CUDA. The layer inputs
+    are then taken in the weights' dtype (float32 under mixed precision) and PEFT's SVD runs in
+    float32."""
     from peft import initialize_lora_eva_weights
 
     was_training = peft_model.training
     peft_model.eval()
+    device_type = next(peft_model.parameters()).device.type
     try:
-        initialize_lora_eva_weights(peft_model, dataloader=list(batches), show_progress_bar=False)
+        with torch.autocast(device_type=device_type, enabled=False):
+            initialize_lora_eva_weights(peft_model, dataloader=list(batches), show_progress_bar=False)
     except (IndexError, ValueError, RuntimeError) as exc:  # PEFT's EVA assumes (batch, tokens, features) layer inputs
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ConfigError("--method", f"PEFT's EVA could not initialise this model ({type(exc).__name__}: {first}); use another --method") from None
