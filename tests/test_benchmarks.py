@@ -501,3 +501,37 @@ def test_tradeoff_styles_are_fixed_per_method():
     others = [styles[m]["color"] for m in methods if not m.startswith("cka")]
     assert len(set(others)) == len(others) and "C3" not in others and "#c44e52" not in others
     assert styles["cka-50"]["color"] == styles["cka-debiased-50"]["color"] == "#c44e52"
+
+
+def test_liger_pair_compares_two_runs_loss_and_cost(tmp_path, capsys):
+    """The comparison reads both runs' metrics.json: memory and time ratios, the largest gap of
+    the loss curves at shared steps (absolute and relative), eval-loss gaps; bad input: exit 2."""
+    bench = load_script("liger_pair")
+
+    def run(name, curve, peak_gib, runtime, eval_loss):
+        folder = tmp_path / name
+        folder.mkdir()
+        metrics = {"train": {"runtime_s": runtime, "tokens_per_s": 1000 / runtime, "peak_memory_bytes": int(peak_gib * 2**30), "train_loss": sum(l for _, l in curve) / len(curve), "global_step": curve[-1][0]},
+                   "loss_history": [{"step": s, "loss": l} for s, l in curve], "final": {"validation": {"loss": eval_loss, "n": 4}}}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        return folder
+
+    off = run("off", [(10, 2.0), (20, 1.0), (30, 0.5)], 8.0, 10.0, 0.40)
+    on = run("on", [(10, 2.0), (20, 1.1), (40, 0.1)], 2.0, 12.5, 0.43)  # step 30 / 40 are not shared
+    assert bench.main(["--from-runs", str(off), str(on), "--out", str(tmp_path / "lp")]) == 0
+    result = json.loads((tmp_path / "lp.json").read_text())
+    gap = result["comparison"]
+    assert gap["peak_memory_ratio"] == pytest.approx(0.25, rel=1e-6) and gap["train_time_ratio"] == pytest.approx(1.25)
+    assert gap["loss_curve_steps_compared"] == 2
+    assert gap["loss_curve_max_gap"] == pytest.approx(0.1) and gap["loss_curve_max_relative_gap"] == pytest.approx(0.1)
+    assert gap["eval_loss_gap"]["validation"] == pytest.approx(0.03)
+    report = (tmp_path / "lp.md").read_text()
+    assert "×0.25" in report and "| with --liger |" in report and (tmp_path / "lp.png").stat().st_size > 0
+
+    with pytest.raises(SystemExit, match="--from-runs"):
+        bench.main(["--from-runs", str(off), str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="either"):
+        bench.main(["--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--liger"):
+        bench.main(["--out", str(tmp_path / "x"), "--", "model", "--liger"])
+    assert not (tmp_path / "x.json").exists()
