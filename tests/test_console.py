@@ -296,3 +296,17 @@ def test_a_terminal_keeps_its_colours():
     handler = logging.StreamHandler(Terminal())
     record = logging.LogRecord("transformers", logging.WARNING, __file__, 1, "\x1b[1mbold\x1b[0m", None, None)
     assert cli._PlainText(handler).filter(record) and record.getMessage() == "\x1b[1mbold\x1b[0m"
+
+
+def test_tokenizing_bar_names_a_split_once_when_it_is_named_after_the_task(monkeypatch):
+    """The built-in gsm-symbolic evaluation split is called "gsm-symbolic": its bar read
+    "tokenizing gsm-symbolic gsm-symbolic". Other splits keep "tokenizing NAME SPLIT"."""
+    from lwlora.tasks import instruction
+
+    seen = []
+    monkeypatch.setattr(instruction, "tokenize_causal", lambda records, *a, desc, **k: seen.append(desc) or list(records))
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(4)]
+    tokenizer = type("Tok", (), {"pad_token_id": 0})()
+    instruction._assemble("gsm-symbolic", tokenizer, rows, {"gsm-symbolic": rows, "validation": rows}, {}, source="s", instruction_field=None, output_field=None,
+                          max_length=32, max_train_samples=None, max_eval_samples=None, selection_samples=2, seed=0, packing=False)
+    assert seen[:3] == ["tokenizing gsm-symbolic train", "tokenizing gsm-symbolic", "tokenizing gsm-symbolic validation"]

@@ -195,7 +195,7 @@ def _assemble(
             continue
         e_inst, e_out = resolve_fields(columns_of(records), inst, out, f"{source} ({split})")
         capped = take(records, subset_indices(len(records), max_eval_samples, None))
-        evals[split] = tokenize_causal(capped, tokenizer, e_inst, e_out, max_length=max_length, packing=False, source=f"{source} ({split})", desc=f"tokenizing {name} {split}")
+        evals[split] = tokenize_causal(capped, tokenizer, e_inst, e_out, max_length=max_length, packing=False, source=f"{source} ({split})", desc=f"tokenizing {name}" + (f" {split}" if split != name else ""))
     kinds = []
     for examples in eval_examples.values():
         for example in examples:
