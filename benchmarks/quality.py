@@ -20,6 +20,8 @@ Methods (all at ratio 0.5 where a ratio applies):
   all-layer LoRA's parameters (``--granularity sublayer``);
 - ``prune-50``: LoRA on every block for 5% of the steps, then the half of the blocks whose
   adapters changed their layers' outputs most keep training (``--prune-at 0.05``);
+- ``prune-rel-50``: the same, each update measured against its layer's own output
+  (``--prune-score relative``: the absolute size grows with a decoder's input norms, with depth);
 - ``dynamic-50``: adapters on every block, half of them trainable at a time, redrawn every 20
   steps with probabilities from CKA importance (``--dynamic-blocks 0.5``): full-size adapter,
   cheaper steps;
@@ -167,6 +169,8 @@ METHODS: dict[str, tuple[str, ...]] = {
     "units-50": ("--layers", "cka", "--granularity", "sublayer", "--ratio", "0.5"),
     "eva-budget": ("--layers", "all", "--budget-from-ratio", "0.5", "--method", "eva"),
     "prune-50": ("--layers", "all", "--prune-at", "0.05", "--ratio", "0.5"),
+    # prune-50's absolute score kept the deepest blocks on Qwen (inputs grow with depth): the update against the layer's output
+    "prune-rel-50": ("--layers", "all", "--prune-at", "0.05", "--ratio", "0.5", "--prune-score", "relative"),
     "dynamic-50": ("--layers", "all", "--dynamic-blocks", "0.5", "--dynamic-every", "20"),
     "untuned": (),  # no training: `lwlora eval MODEL` on the test split (instruction cases)
 }

@@ -128,6 +128,63 @@ def test_effect_score_equals_a_float64_reference(llama):
     assert adapter_effect_scores(peft_model, stack.path, stack.num_layers, batches) == scores  # no dropout noise
 
 
+def test_relative_score_equals_a_float64_reference_and_ignores_the_inputs_scale(llama):
+    """score="relative": per module Σ_t‖ΔW x_t‖² / Σ_t‖W x_t + b‖², averaged over the block's
+    modules. Scaling one layer's base weight and its B by c scales both its update and its output
+    by c: its ratio is unchanged, while the absolute effect grows by c²."""
+    peft_model, stack = llama
+    vocab = peft_model.get_base_model().config.vocab_size
+    batches = [padded_batch(vocab, seed=1), padded_batch(vocab, seed=2, rows=2, length=5)]
+    captured: dict[str, list[torch.Tensor]] = {}
+    layers = lora_layers_by_block(peft_model, stack.path, stack.num_layers)
+    handles = [
+        layer.register_forward_hook(lambda m, args, out, name=name: captured.setdefault(name, []).append(args[0].detach()))
+        for named in layers.values() for name, layer in named.items()
+    ]
+    peft_model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            peft_model(**batch)
+    for handle in handles:
+        handle.remove()
+    reference = torch.zeros(stack.num_layers, dtype=torch.float64)
+    with torch.no_grad():
+        for index, named in layers.items():
+            ratios = []
+            for name, layer in named.items():
+                base = layer.get_base_layer()
+                w = base.weight.double()
+                b = base.bias.double() if base.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+                delta_w = layer.scaling["default"] * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
+                update = output = 0.0
+                for x, batch in zip(captured[name], batches):
+                    mask = batch["attention_mask"].double()
+                    update += float(((x.double() @ delta_w.T).pow(2).sum(-1) * mask).sum())
+                    output += float(((x.double() @ w.T + b).pow(2).sum(-1) * mask).sum())
+                ratios.append(update / output)
+            reference[index] = sum(ratios) / len(ratios)
+    scores = adapter_effect_scores(peft_model, stack.path, stack.num_layers, batches, score="relative")
+    assert all(r > 0 for r in reference)
+    torch.testing.assert_close(torch.tensor(scores, dtype=torch.float64), reference, rtol=1e-5, atol=0)
+
+    # the last block's down_proj: no scored layer reads its output (only the final norm does), so
+    # scaling it changes its own update and output alone
+    name, layer = next((n, m) for n, m in layers[3].items() if n.endswith("down_proj"))
+    effect_before = adapter_effect_scores(peft_model, stack.path, stack.num_layers, batches)[3]
+    with torch.no_grad():
+        layer.get_base_layer().weight.mul_(10.0)
+        layer.lora_B["default"].weight.mul_(10.0)
+    after = adapter_effect_scores(peft_model, stack.path, stack.num_layers, batches, score="relative")
+    effect_after = adapter_effect_scores(peft_model, stack.path, stack.num_layers, batches)[3]
+    assert after[:3] == pytest.approx(scores[:3], rel=1e-9)
+    assert after[3] == pytest.approx(scores[3], rel=1e-6)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    with torch.no_grad():
+        delta_w = layer.scaling["default"] * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double() / 10.0  # before the scaling
+        own = sum(float(((x.double() @ delta_w.T).pow(2).sum(-1) * b["attention_mask"]).sum()) for x, b in zip(captured[name], batches)) / tokens
+    assert own > 0 and effect_after == pytest.approx(effect_before + (100 - 1) * own, rel=1e-5)  # its term grew by c² = 100
+
+
 def test_a_block_with_zero_lora_B_scores_zero_and_weight_score_is_the_frobenius_norm(tiny_llama_dir):
     from transformers import AutoModel
 
@@ -507,7 +564,8 @@ def test_ddp_two_processes_prune_the_same_blocks_and_keep_gradients_in_sync(tmp_
 # ------------------------------------------------------------------- through lwlora train --prune-at
 
 
-def test_train_prune_at_keeps_the_measured_blocks_and_records_them(tiny_bert_dir, tmp_path):
+@pytest.mark.parametrize("score", ["effect", "relative"])
+def test_train_prune_at_keeps_the_measured_blocks_and_records_them(tiny_bert_dir, tmp_path, score):
     import json
 
     from conftest import write_jsonl
@@ -524,13 +582,13 @@ def test_train_prune_at_keeps_the_measured_blocks_and_records_them(tiny_bert_dir
     write_jsonl(data / "validation.jsonl", rows[:6])
     out = tmp_path / "run"
     argv = ["train", str(tiny_bert_dir), "--task", "classification", "--data", str(data), "--out", str(out), "--layers", "all", "--prune-at", "0.25",
-            "--num-layers", "1", "--max-steps", "8", "--batch-size", "8", "--max-length", "24", "--device", "cpu", "--no-progress", "--num-samples", "8", "--lr", "5e-3"]
+            "--num-layers", "1", "--max-steps", "8", "--batch-size", "8", "--max-length", "24", "--device", "cpu", "--no-progress", "--num-samples", "8", "--lr", "5e-3", "--prune-score", score]
     assert cli.main(argv) == 0
     selection = json.loads((out / "selection.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     prune = selection["diagnostics"]["prune"]
     assert prune["at_step"] == 2 and len(selection["selected"]) == 1 and selection["selected"] == prune["kept"]
-    assert selection["scorer"] == "prune-effect" and metrics["selected"] == selection["selected"]
+    assert selection["scorer"] == f"prune-{score}" and prune["score"] == score and metrics["selected"] == selection["selected"]
     kept = selection["selected"][0]
     assert prune["scores"][kept] == max(prune["scores"])
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)

@@ -126,7 +126,7 @@ class TrainConfig:
     budget_from_ratio: float | None = option(None, "with --layers all: every block at the rank whose adapter parameters equal floor(ratio x L) blocks at --r (the equal-budget baseline)")
     rank_allocation: Literal["uniform", "importance"] = option("uniform", "uniform (--r everywhere) or importance (ranks grow with block importance, same total)")
     prune_at: float | None = option(None, "with --layers all: train LoRA on every block, then at this share of the steps (< 1) or step (>= 1) keep the --ratio (0.5) / --num-layers blocks whose adapters change their layers' outputs most (docs/prune.md)")
-    prune_score: Literal["effect", "weight"] = option("effect", "--prune-at: effect (size of each block's adapter updates on --num-samples training examples) or weight (||s B A||_F^2, data-free)")
+    prune_score: Literal["effect", "weight", "relative"] = option("effect", "--prune-at: effect (size of each block's adapter updates on --num-samples training examples), weight (||s B A||_F^2, data-free) or relative (each update against its base layer's output, mean over the block's modules)")
     dynamic_blocks: float | None = option(None, "with --layers all: adapters on every block, this many trainable at a time (a share of the blocks below 1, or a count), drawn by --scorer importance (docs/dynamic.md)")
     dynamic_every: int = option(20, "--dynamic-blocks: optimizer steps between draws")
     dynamic_floor: float = option(0.1, "--dynamic-blocks: share of the draw probability spread uniformly so no block starves")

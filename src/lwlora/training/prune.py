@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("lwlora")
 
 ADAPTER = "default"
-SCORES: tuple[str, ...] = ("effect", "weight")
+SCORES: tuple[str, ...] = ("effect", "weight", "relative")
 
 #: ``init_lora_weights`` values that leave the base weights as they were. PiSSA, OLoRA, CorDA,
 #: LoftQ, ... subtract their initial adapter from the base weight, so removing such an adapter
@@ -155,6 +155,15 @@ def _token_count(batch: Mapping[str, Tensor]) -> int:
     raise ValueError("a selection batch needs attention_mask or input_ids to count its tokens")
 
 
+def _masked_square_sum(y: Tensor, mask: Tensor | None) -> Tensor:
+    """Σ_t ‖y_t‖² over the real tokens t of ``y`` (..., d) in float64; rows that do not line up
+    with the (batch, seq) mask are all summed."""
+    per_token = y.double().pow(2).sum(-1)  # (...,)
+    if mask is not None and per_token.shape == mask.shape:
+        per_token = per_token * mask.to(per_token.dtype)
+    return per_token.sum()
+
+
 def _squared_update(layer: nn.Module, adapter: str, x: Tensor, mask: Tensor | None) -> Tensor:
     """Σ_t ‖s · B(A(x_t))‖² over the real tokens t of ``x`` (float64 scalar).
 
@@ -164,31 +173,37 @@ def _squared_update(layer: nn.Module, adapter: str, x: Tensor, mask: Tensor | No
     ``lora_bias``), without the dropout (an identity in eval mode)."""
     lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
     delta = lora_B(lora_A(x.to(lora_A.weight.dtype))) * layer.scaling[adapter]  # (..., d_out)
-    per_token = delta.double().pow(2).sum(-1)  # (...,)
-    if mask is not None and per_token.shape == mask.shape:
-        per_token = per_token * mask.to(per_token.dtype)
-    return per_token.sum()
+    return _masked_square_sum(delta, mask)
 
 
 def _move(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items() if k not in _LOSS_ONLY_KEYS}
 
 
-def _effect_scores(model: nn.Module, layers: dict[int, dict[str, nn.Module]], num_layers: int, batches: Iterable[Mapping[str, Tensor]], adapter: str) -> list[float]:
-    """Σ_m ‖Δ_m x‖² per token, per block, from forward hooks on the LoRA layers."""
+def _effect_scores(model: nn.Module, layers: dict[int, dict[str, nn.Module]], num_layers: int, batches: Iterable[Mapping[str, Tensor]], adapter: str, *, relative: bool = False) -> list[float]:
+    """Σ_m ‖Δ_m x‖² per token, per block, from forward hooks on the LoRA layers; ``relative``:
+    the mean over the block's modules of Σ_t ‖Δ_m x_t‖² / Σ_t ‖W_m x_t‖² instead."""
     peft_model = _unwrap(model)
     device = next(peft_model.parameters()).device
     totals = torch.zeros(num_layers, dtype=torch.float64, device=device)
+    # relative: per module, the update's and the base layer's squared sums
+    updates: dict[str, Tensor] = {}
+    bases: dict[str, Tensor] = {}
     current: dict[str, Tensor | None] = {"mask": None}  # the batch being scored, for the hooks
 
-    def hook_for(index: int):
+    def hook_for(index: int, name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             x = args[0] if args else kwargs["x"]
-            totals[index] += _squared_update(module, adapter, x, current["mask"]).to(device)
+            update = _squared_update(module, adapter, x, current["mask"]).to(device)
+            if not relative:
+                totals[index] += update
+                return
+            updates[name] = updates.get(name, 0.0) + update
+            bases[name] = bases.get(name, 0.0) + _masked_square_sum(module.get_base_layer()(x), current["mask"]).to(device)
 
         return hook
 
-    handles = [layer.register_forward_hook(hook_for(i), with_kwargs=True) for i, named in layers.items() for layer in named.values()]
+    handles = [layer.register_forward_hook(hook_for(i, name), with_kwargs=True) for i, named in layers.items() for name, layer in named.items()]
     tokens = 0
     try:
         with _eval_mode(peft_model), torch.no_grad():
@@ -202,7 +217,12 @@ def _effect_scores(model: nn.Module, layers: dict[int, dict[str, nn.Module]], nu
             handle.remove()
     if tokens == 0:
         raise ValueError("the selection batches hold no real tokens; pass at least one non-empty batch")
-    return (totals / tokens).tolist()
+    if not relative:
+        return (totals / tokens).tolist()
+    for index, named in layers.items():
+        ratios = [updates[name] / bases[name] for name in named if name in bases and float(bases[name]) > 0]
+        totals[index] = sum(ratios) / len(ratios) if ratios else 0.0
+    return totals.tolist()
 
 
 def _weight_scores(layers: dict[int, dict[str, nn.Module]], num_layers: int, adapter: str) -> list[float]:
@@ -241,7 +261,17 @@ def adapter_effect_scores(
 
         score_i = Σ_{m ∈ block i} ‖s_m · B_m A_m‖_F²
 
-    Both are sums of squared norms, not their square root. A block without adapters scores 0.
+    ``score="relative"`` (measured on ``batches``): the update against what the layer already
+    outputs, averaged over the block's M_i modules, so that it does not grow with the size of the
+    layers' inputs::
+
+        score_i = (1/M_i) Σ_{m ∈ block i} [Σ_t ‖s_m · B_m A_m x_{m,t}‖²] / [Σ_t ‖W_m x_{m,t} + b_m‖²]
+
+    (W_m, b_m: the base layer). After a short Adam warm-up every B_m has moved by about the same
+    amount whatever its layer's inputs, so ``effect`` mostly ranks blocks by their input size,
+    which grows with depth in a decoder's attention-output and MLP-down projections.
+
+    All are sums of squared norms, not their square root. A block without adapters scores 0.
 
     Args:
         model: a ``PeftModel`` with LoRA adapters, possibly wrapped in DDP (``.module``). Scored
@@ -250,7 +280,7 @@ def adapter_effect_scores(
         num_layers: the number of blocks (checked).
         batches: model inputs (``input_ids``, ``attention_mask``, ...; ``labels`` are dropped),
             moved to the model's device.
-        score: ``"effect"`` or ``"weight"``.
+        score: ``"effect"``, ``"weight"`` or ``"relative"``.
         adapter_name: the PEFT adapter to score.
 
     Raises:
@@ -266,7 +296,7 @@ def adapter_effect_scores(
             _check_scoreable(name, layer, adapter_name)
     if score == "weight":
         return _weight_scores(layers, num_layers, adapter_name)
-    return _effect_scores(model, layers, num_layers, batches, adapter_name)
+    return _effect_scores(model, layers, num_layers, batches, adapter_name, relative=score == "relative")
 
 
 def top_blocks(scores: Sequence[float], keep: int, among: Iterable[int] | None = None) -> list[int]:
@@ -588,9 +618,9 @@ class WarmupPrune(TrainerCallback, ExportableState):
         for named in layers.values():
             for name, layer in named.items():
                 _check_scoreable(name, layer, ADAPTER)
-        if self.score == "effect" and not self.batches:
+        if self.score != "weight" and not self.batches:
             raise RuntimeError(
-                "WarmupPrune(score='effect') has no selection batches: a callback rebuilt from trainer_state.json "
+                f"WarmupPrune(score={self.score!r}) has no selection batches: a callback rebuilt from trainer_state.json "
                 "(restore_callback_states_from_checkpoint=True) does not keep them; resume without that option "
                 "(WarmupPrune reads its saved state itself) or use score='weight'"
             )
