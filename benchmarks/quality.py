@@ -293,9 +293,10 @@ NOT_RUN = "not run: --time-limit reached (run the command again to continue)"
 
 
 def read_run(run_dir: Path) -> dict[str, Any] | None:
-    """What a finished run reports: its final evaluation, parameters, time, and its cost per step
-    (train seconds / optimizer steps, peak GPU memory) as the run itself measured them; or an
-    untrained model's evaluation (``eval.json``)."""
+    """What a finished run reports: its final evaluation, parameters, time, its cost per step
+    (train seconds / optimizer steps, peak GPU memory) as the run itself measured them, and the
+    selection's scorer with its per-block importances (CKA's, or the warm-up pruner's normalised
+    scores; None for rule-made selections); or an untrained model's evaluation (``eval.json``)."""
     path = run_dir / "metrics.json"
     if not path.is_file():
         untrained = run_dir / "eval.json"
@@ -303,6 +304,13 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
             return {"final": json.loads(untrained.read_text()), "params": {"trainable": 0, "adapter": 0, "head": 0}, "runtime_s": None, "selected": [], "adapter_rank": None, "train_loss": None}
         return None
     metrics = json.loads(path.read_text())
+    scorer, importance = None, None
+    selection = run_dir / "selection.json"
+    if selection.is_file():
+        saved = json.loads(selection.read_text())
+        scorer = saved.get("scorer")
+        values = [layer.get("importance") for layer in saved.get("layers", [])]
+        importance = values if any(v is not None for v in values) else None
     train = metrics.get("train", {})
     steps = train.get("global_step") or 0
     runtime = train.get("runtime_s")
@@ -316,6 +324,8 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
         "train_loss": train.get("train_loss"),
         "step_s": round(runtime / steps, 4) if runtime and steps else None,
         "peak_memory_gib": round(peak / 2**30, 3) if peak and train.get("peak_memory_kind") == "cuda_allocated" else None,
+        "scorer": scorer,
+        "block_importance": importance,
     }
 
 

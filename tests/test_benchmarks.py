@@ -130,6 +130,9 @@ def test_quality_benchmark_smoke(tmp_path, tiny_bert_dir, data_files):
     assert all(r["error"] is None for r in runs.values())
     layers = len(runs["all-layer"]["selected"])
     assert len(runs["cka-50"]["selected"]) == layers // 2
+    # each run record carries its selection's scorer and per-block importances (none for a rule)
+    assert runs["cka-50"]["scorer"] == "cka" and len(runs["cka-50"]["block_importance"]) == layers
+    assert runs["all-layer"]["scorer"] == "all" and runs["all-layer"]["block_importance"] is None
     # equal budget: every block, at the rank that matches floor(L/2) blocks' adapter parameters
     from lwlora.adapters.ranks import equal_budget_rank
 
