@@ -194,10 +194,13 @@ class Job:
     lr: float | None = None  # the learning rate it trains at (None: not trained)
     phase: str = "final"  # "tune" (validation split, learning-rate search) or "final" (test split)
     lr_multiple: float | None = None
+    gpu: str | None = None  # the CUDA_VISIBLE_DEVICES it ran on (None: the default device)
+    started_at: float | None = None  # epoch seconds, set when the process really ran (not read back)
+    ended_at: float | None = None
 
 
 #: the fields of a run's JSON record that describe the job; the rest is what the run reported (read_run)
-JOB_FIELDS = ("case", "method", "seed", "phase", "lr", "lr_multiple", "run_dir", "argv", "error", "wall_s")
+JOB_FIELDS = ("case", "method", "seed", "phase", "lr", "lr_multiple", "run_dir", "argv", "error", "wall_s", "gpu", "started_at", "ended_at")
 
 
 def run_record(job: Job) -> dict[str, Any]:
@@ -357,6 +360,7 @@ def execute(job: Job, gpu: str | None) -> None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     job.run_dir.parent.mkdir(parents=True, exist_ok=True)
     job.log = job.run_dir.parent / f"{job.run_dir.name}.log"
+    job.gpu, job.started_at = gpu, time.time()
     started = time.perf_counter()
     try:
         with open(job.log, "w") as log:
@@ -365,6 +369,7 @@ def execute(job: Job, gpu: str | None) -> None:
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     job.wall_s = round(time.perf_counter() - started, 1)
+    job.ended_at = time.time()
     if done.returncode != 0:
         tail = job.log.read_text(errors="replace").strip().splitlines()[-3:]
         job.error = f"exit {done.returncode}: " + " / ".join(tail)
@@ -427,9 +432,26 @@ def test_metric(final: dict[str, Any], metric: str) -> float | None:
     return None if value is None else float(value)
 
 
-def summarise(jobs: list[Job]) -> dict[str, Any]:
+def gpu_sharing(job: Job, jobs: list[Job]) -> float | None:
+    """How many other runs of ``jobs`` shared ``job``'s GPU, on average over its lifetime:
+    Σ_k overlap(job, k) / duration(job), over the runs k ≠ job on the same GPU. A run's step time
+    is comparable only with runs that shared the GPU about as much. None when ``job`` was not
+    timed here (read back from an earlier session's JSON)."""
+    if job.started_at is None or job.ended_at is None or job.ended_at <= job.started_at:
+        return None
+    overlap = 0.0
+    for other in jobs:
+        if other is job or other.gpu != job.gpu or other.started_at is None or other.ended_at is None:
+            continue
+        overlap += max(0.0, min(job.ended_at, other.ended_at) - max(job.started_at, other.started_at))
+    return overlap / (job.ended_at - job.started_at)
+
+
+def summarise(jobs: list[Job], timed: list[Job] | None = None) -> dict[str, Any]:
     """Per case: summarise_runs (mean ± std of every metric, params, time) plus the learning rate,
-    step time and peak GPU memory, over the final (test-split) runs."""
+    step time, peak GPU memory and GPU sharing (:func:`gpu_sharing` among ``timed``, default
+    ``jobs``), over the final (test-split) runs."""
+    timed = jobs if timed is None else timed
     out: dict[str, Any] = {}
     final = [j for j in jobs if j.phase == "final"]
     for case in dict.fromkeys(j.case for j in final):
@@ -443,6 +465,8 @@ def summarise(jobs: list[Job]) -> dict[str, Any]:
             for key in ("step_s", "peak_memory_gib"):
                 values = [j.result.get(key) for j in ran if j.result.get(key) is not None]
                 stats[key] = _mean_std(values) if values else None
+            sharing = [x for x in (gpu_sharing(j, timed) for j in ran) if x is not None]
+            stats["gpu_sharing"] = _mean_std(sharing) if sharing else None
     return out
 
 
@@ -592,14 +616,14 @@ def markdown(summary: dict[str, Any], env: dict[str, Any], baselines: dict[str, 
             lines += [f"Trivial baseline (majority class or 1 / choices) on the test split: {100 * baselines[case]:.1f}%", ""]
         metric = recipe.metric if recipe else "accuracy"
         if methods:
-            lines += [f"| method | lr | seeds | test {metric} (%) | trainable params | train time (s) | step (s) | peak GPU memory (GiB) | blocks (seed 0) |", "|---|---|---|---|---|---|---|---|---|"]
+            lines += [f"| method | lr | seeds | test {metric} (%) | trainable params | train time (s) | step (s) | other runs on the GPU | peak GPU memory (GiB) | blocks (seed 0) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for method, stats in methods.items():
             test = stats["final"].get("test", {}).get(metric)
             blocks = next(iter(stats.get("selected", {}).values()), None)
             lr = stats.get("lr")
             lines.append(
                 f"| {method} | {f'{lr:g}' if lr else '—'} | {stats['num_seeds']} | {_fmt(test, 100)} | {_fmt(stats['trainable_params'], 1, 0)} | {_fmt(stats['train_runtime_s'], 1, 1)} "
-                f"| {_fmt(stats.get('step_s'), 1, 3)} | {_fmt(stats.get('peak_memory_gib'), 1, 1)} | {','.join(map(str, blocks)) if blocks else '—'} |"
+                f"| {_fmt(stats.get('step_s'), 1, 3)} | {_fmt(stats.get('gpu_sharing'), 1, 1)} | {_fmt(stats.get('peak_memory_gib'), 1, 1)} | {','.join(map(str, blocks)) if blocks else '—'} |"
             )
         lines.append("")
         if tuning.get(case):
@@ -897,8 +921,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs += unrunnable
 
     env = environment()
-    summary = summarise(jobs)
     every = tune_jobs + jobs
+    summary = summarise(jobs, timed=every)
     result = {
         "environment": env,
         "protocol": args.protocol,

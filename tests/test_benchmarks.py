@@ -140,6 +140,8 @@ def test_quality_benchmark_smoke(tmp_path, tiny_bert_dir, data_files):
     assert runs["equal-budget"]["adapter_rank"]["r"] == equal_budget_rank(runs["all-layer"]["adapter_rank"]["r"], layers // 2, layers)
     summary = data["summary"]["minilm/tiny_cls"]
     assert 0.0 <= summary["cka-50"]["final"]["test"]["accuracy"]["mean"] <= 1.0
+    assert summary["cka-50"]["gpu_sharing"]["mean"] == 0.0  # --jobs 1: every run had the device alone
+    assert all(r["started_at"] < r["ended_at"] for r in runs.values())
     assert "| cka-50 | 0.0005 | 1 |" in (tmp_path / "q.md").read_text()
     assert (tmp_path / "q.png").stat().st_size > 0 and (tmp_path / "q-tradeoff.png").stat().st_size > 0
     # the trivial baseline: the majority class of the 12 test rows (labels alternate 0/1 -> 50%)
@@ -538,3 +540,21 @@ def test_liger_pair_compares_two_runs_loss_and_cost(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--liger"):
         bench.main(["--out", str(tmp_path / "x"), "--", "model", "--liger"])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_gpu_sharing_is_the_mean_number_of_other_runs_on_the_same_gpu():
+    bench = load_script("quality")
+
+    def job(gpu, start, end):
+        j = bench.Job("m/t", "x", 0, Path("/nonexistent"), ["train"])
+        j.gpu, j.started_at, j.ended_at = gpu, start, end
+        return j
+
+    a, b, c, d = job("0", 0.0, 10.0), job("0", 5.0, 15.0), job("1", 0.0, 10.0), job("0", 2.0, 4.0)
+    untimed = job("0", None, None)
+    jobs = [a, b, c, d, untimed]
+    assert bench.gpu_sharing(a, jobs) == pytest.approx((5 + 2) / 10)  # b for 5 s, d for 2 s; c is on GPU 1
+    assert bench.gpu_sharing(b, jobs) == pytest.approx(5 / 10)
+    assert bench.gpu_sharing(c, jobs) == 0.0
+    assert bench.gpu_sharing(d, jobs) == pytest.approx(1.0)
+    assert bench.gpu_sharing(untimed, jobs) is None
