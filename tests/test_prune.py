@@ -91,14 +91,9 @@ def llama(tiny_llama_dir):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_effect_score_equals_a_float64_reference(llama):
-    peft_model, stack = llama
-    vocab = peft_model.get_base_model().config.vocab_size
-    batches = [padded_batch(vocab, seed=1), padded_batch(vocab, seed=2, rows=2, length=5)]
-
-    # reference: capture every LoRA layer's input, then apply ΔW = s·B·A in float64 by hand
+def captured_lora_inputs(peft_model, layers, batches) -> dict[str, list[torch.Tensor]]:
+    """Every LoRA layer's input on each batch (eval mode, no grad), for float64 references."""
     captured: dict[str, list[torch.Tensor]] = {}
-    layers = lora_layers_by_block(peft_model, stack.path, stack.num_layers)
     handles = [
         layer.register_forward_hook(lambda m, args, out, name=name: captured.setdefault(name, []).append(args[0].detach()))
         for named in layers.values() for name, layer in named.items()
@@ -109,6 +104,17 @@ def test_effect_score_equals_a_float64_reference(llama):
             peft_model(**batch)
     for handle in handles:
         handle.remove()
+    return captured
+
+
+def test_effect_score_equals_a_float64_reference(llama):
+    peft_model, stack = llama
+    vocab = peft_model.get_base_model().config.vocab_size
+    batches = [padded_batch(vocab, seed=1), padded_batch(vocab, seed=2, rows=2, length=5)]
+
+    # reference: capture every LoRA layer's input, then apply ΔW = s·B·A in float64 by hand
+    layers = lora_layers_by_block(peft_model, stack.path, stack.num_layers)
+    captured = captured_lora_inputs(peft_model, layers, batches)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     reference = torch.zeros(stack.num_layers, dtype=torch.float64)
     with torch.no_grad():
@@ -135,18 +141,8 @@ def test_relative_score_equals_a_float64_reference_and_ignores_the_inputs_scale(
     peft_model, stack = llama
     vocab = peft_model.get_base_model().config.vocab_size
     batches = [padded_batch(vocab, seed=1), padded_batch(vocab, seed=2, rows=2, length=5)]
-    captured: dict[str, list[torch.Tensor]] = {}
     layers = lora_layers_by_block(peft_model, stack.path, stack.num_layers)
-    handles = [
-        layer.register_forward_hook(lambda m, args, out, name=name: captured.setdefault(name, []).append(args[0].detach()))
-        for named in layers.values() for name, layer in named.items()
-    ]
-    peft_model.eval()
-    with torch.no_grad():
-        for batch in batches:
-            peft_model(**batch)
-    for handle in handles:
-        handle.remove()
+    captured = captured_lora_inputs(peft_model, layers, batches)
     reference = torch.zeros(stack.num_layers, dtype=torch.float64)
     with torch.no_grad():
         for index, named in layers.items():
