@@ -336,12 +336,21 @@ def _argv_file(job: Job) -> Path:
     return job.run_dir.parent / f"{job.run_dir.name}.argv.json"
 
 
+def _timing_file(job: Job) -> Path:
+    return job.run_dir.parent / f"{job.run_dir.name}.timing.json"
+
+
 def finished(job: Job) -> dict[str, Any] | None:
     """The run's results if it finished with exactly this command line (a run of an older recipe
-    is trained again), else None."""
+    is trained again), else None. A finished run's GPU, start and end times come back into
+    ``job`` too (a later invocation that only reads the run still knows who shared its GPU)."""
     stored = _argv_file(job)
     if not stored.is_file() or json.loads(stored.read_text()) != job.argv:
         return None
+    timing = _timing_file(job)
+    if timing.is_file() and job.started_at is None:
+        saved = json.loads(timing.read_text())
+        job.gpu, job.started_at, job.ended_at, job.wall_s = saved.get("gpu"), saved.get("started_at"), saved.get("ended_at"), saved.get("wall_s")
     return read_run(job.run_dir)
 
 
@@ -376,6 +385,7 @@ def execute(job: Job, gpu: str | None) -> None:
         return
     job.result = read_run(job.run_dir)
     if job.result is not None:
+        atomic_write_json(_timing_file(job), {"gpu": job.gpu, "started_at": job.started_at, "ended_at": job.ended_at, "wall_s": job.wall_s})
         atomic_write_json(_argv_file(job), job.argv)
 
 

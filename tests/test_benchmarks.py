@@ -152,6 +152,9 @@ def test_quality_benchmark_smoke(tmp_path, tiny_bert_dir, data_files):
     stamp = {m: (Path(r["run_dir"]) / "metrics.json").stat().st_mtime_ns for m, r in runs.items()}
     assert bench.main(argv) == 0
     assert stamp == {m: (Path(r["run_dir"]) / "metrics.json").stat().st_mtime_ns for m, r in runs.items()}
+    read_back = json.loads((tmp_path / "q.json").read_text())  # and still knows when and where they ran
+    assert all(r["started_at"] == runs[r["method"]]["started_at"] and r["wall_s"] == runs[r["method"]]["wall_s"] for r in read_back["runs"])
+    assert read_back["summary"]["minilm/tiny_cls"]["cka-50"]["gpu_sharing"]["mean"] == 0.0
     # ... but a run made with another command line (an older recipe) is trained again
     argv_file = Path(runs["cka-50"]["run_dir"]).parent / "cka-50-seed0.argv.json"
     argv_file.write_text(json.dumps(["train", "older", "recipe"]))

@@ -182,7 +182,8 @@ def _move(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
 
 def _effect_scores(model: nn.Module, layers: dict[int, dict[str, nn.Module]], num_layers: int, batches: Iterable[Mapping[str, Tensor]], adapter: str, *, relative: bool = False) -> list[float]:
     """Σ_m ‖Δ_m x‖² per token, per block, from forward hooks on the LoRA layers; ``relative``:
-    the mean over the block's modules of Σ_t ‖Δ_m x_t‖² / Σ_t ‖W_m x_t‖² instead."""
+    the mean over the block's modules of Σ_t ‖Δ_m x_t‖² / Σ_t ‖base_m(x_t)‖² instead (base_m: the
+    module's base layer, bias included)."""
     peft_model = _unwrap(model)
     device = next(peft_model.parameters()).device
     totals = torch.zeros(num_layers, dtype=torch.float64, device=device)
