@@ -13,12 +13,16 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from conftest import write_jsonl
 
 from lwlora import cli
+from lwlora.errors import ConfigError
+from lwlora.training.run_dir import hold_run, lock_path
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,9 @@ def cls_data(tmp_path_factory):
 
 
 def _args(model, data, out, *extra) -> list[str]:
-    return ["train", str(model), "--task", "classification", "--data", str(data), "--out", str(out), "--layers", "last", "--num-layers", "1",
+    """The arguments of a short run; an ``extra`` ``--layers`` replaces the default layer choice."""
+    layers = [] if "--layers" in extra else ["--layers", "last", "--num-layers", "1"]
+    return ["train", str(model), "--task", "classification", "--data", str(data), "--out", str(out), *layers,
             "--max-steps", "6", "--batch-size", "8", "--max-length", "24", "--device", "cpu", "--no-progress", "--dropout", "0", "--logging-steps", "1", *extra]
 
 
@@ -78,8 +84,8 @@ def test_a_failed_overwrite_leaves_the_finished_run_intact(quiet_bert, cls_data,
     before = _snapshot(finished_run)
     extra = tuple(str(tmp_path / "nope.jsonl") if e == "__missing__" else e for e in extra)
     capsys.readouterr()
-    assert cli.main([*_args(quiet_bert, cls_data, finished_run, "--max-steps", "2"), "--overwrite", *extra]) == 2
-    assert flag in _error_line(capsys)
+    assert cli.main(_args(quiet_bert, cls_data, finished_run, "--max-steps", "2", "--overwrite", *extra)) == 2
+    assert flag in (line := _error_line(capsys)) and "give only one" not in line
     assert _snapshot(finished_run) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] in ([], [".run.overwrite"])
 
@@ -98,6 +104,79 @@ def test_an_overwrite_killed_midway_leaves_the_old_run(quiet_bert, cls_data, fin
     done = _killed_run([*_args(quiet_bert, cls_data, finished_run, "--save-every", "2"), "--overwrite"], kill="after-save", step=2)
     assert done.returncode == -9
     assert _snapshot(finished_run) == before
+
+
+# ------------------------------------------------------------------------- one writer per run
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_writes(quiet_bert, cls_data, finished_run, capsys):
+    before = _snapshot(finished_run)
+    with hold_run(finished_run):  # what a first `lwlora train --out RUN` holds while it runs
+        capsys.readouterr()
+        assert cli.main([*_args(quiet_bert, cls_data, finished_run, "--max-steps", "3"), "--resume"]) == 2
+        line = _error_line(capsys)
+        assert "--out" in line and f"being written by another lwlora run (pid {os.getpid()}" in line
+        assert cli.main([*_args(quiet_bert, cls_data, finished_run, "--max-steps", "3"), "--overwrite"]) == 2
+    assert _snapshot(finished_run) == before
+    assert not lock_path(finished_run).exists()
+
+
+def test_a_lock_file_left_by_a_killed_run_does_not_block_the_next(quiet_bert, cls_data, tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; from lwlora.training.run_dir import hold_run\nwith hold_run({str(run)!r}):\n    print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match="being written by another lwlora run"):
+            with hold_run(run):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the lock file stays
+        holder.wait()
+    assert lock_path(run).exists()
+    assert cli.main(_args(quiet_bert, cls_data, run, "--max-steps", "2")) == 0
+    assert _metrics(run)["train"]["global_step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_the_run_lock_admits_one_holder_at_a_time(tmp_path):
+    """Threads racing for the lock (each open is its own flock): never two inside at once, and
+    every release lets a later attempt in (the lock file is removed and made anew each time)."""
+    run = tmp_path / "run"
+    inside, most, entered = [0], [0], [0]
+    guard = threading.Lock()
+    start = threading.Barrier(6)
+
+    def contend():
+        start.wait()
+        for _ in range(200):
+            try:
+                with hold_run(run):
+                    with guard:
+                        inside[0] += 1
+                        most[0] = max(most[0], inside[0])
+                        entered[0] += 1
+                    time.sleep(0.0005)
+                    with guard:
+                        inside[0] -= 1
+            except ConfigError:
+                pass
+
+    threads = [threading.Thread(target=contend) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and entered[0] > 0
+    assert not lock_path(run).exists()
+    with hold_run(run):
+        pass
+
+
+def test_a_refused_run_leaves_no_folders_behind(quiet_bert, cls_data, tmp_path, capsys):
+    out = tmp_path / "a" / "b" / "run"
+    assert cli.main(_args(quiet_bert, cls_data, out, "--layers", "7")) == 2  # the model has 3 blocks: found once it is loaded
+    assert "--layers" in (line := _error_line(capsys)) and "give only one" not in line
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------- select into a run

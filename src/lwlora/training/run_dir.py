@@ -20,10 +20,14 @@ input found late, a crash, a kill) leaves the old run as it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import shutil
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +98,73 @@ def prepare_run_dir(out: str, identity: dict[str, Any], *, resume: bool, overwri
     if place.staged and place.work.exists():
         shutil.rmtree(place.work)
     return place
+
+
+def lock_path(target: Path) -> Path:
+    """The lock file of the run at ``target``: beside it, so that it survives the renames of an
+    overwrite and is never one of the run's own files."""
+    return target.parent / f".{target.name}.lock"
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8"))
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["started"])))
+        return f"pid {int(holder['pid'])}, started {started}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def hold_run(out: str | os.PathLike, flag: str = "--out") -> Iterator[Path]:
+    """Hold the exclusive lock of the run at ``out`` for the ``with`` block; a ``flag``
+    ConfigError when another process (or another ``with`` in this one) holds it.
+
+    The lock is ``flock(LOCK_EX | LOCK_NB)`` on :func:`lock_path`, which records the holder's pid.
+    On release the lock file is removed; a process that opened the file just before then finds
+    (after locking) that the path no longer names its file and starts over, so two holders can
+    never each lock a different file of the same name. Directories created for the lock file are
+    removed again when the block leaves nothing in them (a run refused for bad input leaves no
+    empty folders). Without ``fcntl`` (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield Path(out)
+        return
+    target = check_output_dir(out, flag)
+    created: list[Path] = []
+    parent = target.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = lock_path(target)
+    try:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ConfigError(flag, f"{target} is being written by another lwlora run ({_lock_holder(path)}); wait for it to finish, or use another {flag}") from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder removed this file as we opened it: lock the new one
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "started": time.time()}).encode())
+            yield target
+        finally:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+    finally:
+        for directory in created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
 
 def finish_run(place: RunPlace) -> Path:

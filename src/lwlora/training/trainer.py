@@ -13,6 +13,7 @@ the input-grad hook off again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -32,6 +33,7 @@ from lwlora.training.config import TrainConfig
 from lwlora.training.run_dir import (
     RunPlace,
     finish_run,
+    hold_run,
     last_checkpoint,
     plan_run_dir,
     prepare_run_dir,
@@ -361,7 +363,14 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
     """Select (if asked), train, evaluate and write RUN; see ``lwlora.training.run_dir``.
 
     ``callbacks``: ``transformers.TrainerCallback`` instances added to the Trainer (after
-    lwlora's own), e.g. to log to a tracker of your own."""
+    lwlora's own), e.g. to log to a tracker of your own. The main process holds RUN's lock
+    (:func:`lwlora.training.run_dir.hold_run`) throughout: a second run writing the same RUN at
+    the same time is refused (``--out`` ConfigError)."""
+    with hold_run(config.out) if is_main_process() else contextlib.nullcontext():
+        return _train(config, callbacks)
+
+
+def _train(config: TrainConfig, callbacks: list[Any] | None) -> TrainResult:
     from peft import PeftModel
     from transformers import TrainerState, set_seed
 
