@@ -41,6 +41,9 @@ Where records come in groups of near-duplicates that the test split keeps apart 
 (``Recipe.group_column``: math_gsm_symbolic's templates), the data's own validation split shares
 train's groups and would reward recalling seen problems; the search then trains on the other
 groups of train and validates on ``--tune-holdout`` of them held out whole (``tuning_split``).
+An instruction case's search also evaluates the untrained model once on that validation split
+(OUT.json ``untuned_validation``, a line under the search's table): the floor its scores read
+against, since the held-out split is not the test split the ``untuned`` row measures.
 ``--protocol fixed`` trains every method at the recipe's rate (the older tables).
 
 A search and its final runs can be split over machines: ``--search-only`` stops after the search
@@ -590,6 +593,14 @@ def reused_tuning(path: Path, cases: list[str], methods: list[str], *, widen: in
     return chosen, done
 
 
+def reused_floor(path: Path) -> dict[str, float]:
+    """The untuned model's validation scores saved in an earlier quality JSON (``--tuning-from``):
+    case -> score, for the cases where it was measured (read after :func:`reused_tuning`, which
+    has checked the file)."""
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return {case: float(value) for case, value in (saved.get("untuned_validation") or {}).items() if value is not None}
+
+
 def trivial_baseline(data_root: Path, case: str) -> float | None:
     """The score of a model that learned nothing, on the case's test split: the majority class's
     share (classification) or the mean of 1 / number of choices (multiple choice); None otherwise
@@ -610,10 +621,12 @@ def _fmt(stat: dict[str, float] | None, scale: float = 1.0, digits: int = 1) -> 
     return "—" if not stat else f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
-def markdown(summary: dict[str, Any], env: dict[str, Any], baselines: dict[str, float | None], recipes: dict[str, dict[str, Any]], tuning: dict[str, Any] | None = None) -> str:
+def markdown(summary: dict[str, Any], env: dict[str, Any], baselines: dict[str, float | None], recipes: dict[str, dict[str, Any]], tuning: dict[str, Any] | None = None, untuned_validation: dict[str, float | None] | None = None) -> str:
     """One table per case; ``recipes``: case -> the recipe the runs used (as saved in the JSON);
-    ``tuning``: case -> method -> the learning-rate search on the validation split."""
+    ``tuning``: case -> method -> the learning-rate search on the validation split;
+    ``untuned_validation``: case -> the untrained model's score on that split (the search's floor)."""
     tuning = tuning or {}
+    untuned_validation = untuned_validation or {}
     lines = [f"Quality of layer selections ({env.get('gpu', 'cpu')}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}). Test metric in %, mean ± std over seeds.", ""]
     for case in dict.fromkeys([*summary, *tuning]):
         methods = summary.get(case, {})
@@ -650,6 +663,9 @@ def markdown(summary: dict[str, Any], env: dict[str, Any], baselines: dict[str, 
                     cells.append(text)
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
             lines.append("")
+            if case in untuned_validation:
+                floor = untuned_validation[case]
+                lines += [f"Untuned model on the same validation split: {'— (its evaluation failed)' if floor is None else f'{100 * floor:.1f}%'}", ""]
     lines.append(f"Command: `{env['command']}`")
     return "\n".join(lines) + "\n"
 
@@ -875,7 +891,7 @@ def main(argv: list[str] | None = None) -> int:
     def make_job(case: str, method: str, seed: int, *, lr: float | None, phase: str, multiple: float | None = None) -> Job:
         folder = runs_root / case.replace("/", "__")
         if phase == "tune":
-            run_dir = folder / "tune" / f"{method}-x{multiple:g}-seed{seed}"
+            run_dir = folder / "tune" / (f"{method}-x{multiple:g}-seed{seed}" if method not in UNTRAINED_METHODS else method)
         else:
             run_dir = folder / (f"{method}-seed{seed}" if method not in UNTRAINED_METHODS else method)
         model = models[case.split("/", 1)[0]]
@@ -912,6 +928,16 @@ def main(argv: list[str] | None = None) -> int:
                 tuning[case][method] = {**entry, "seed": args.tune_seed, "lr": chosen_lr[(case, method)]}
     elif args.protocol != "tuned":
         chosen_lr = {(c, m): base_lr(c, m) for c in cases for m in trained}
+    # The floor a search's validation scores read against: the untrained model on the same
+    # validation split (instruction cases only; a classifier's untrained head is the trivial baseline).
+    untuned_validation: dict[str, float | None] = {}
+    if args.protocol == "tuned":
+        saved_floor = reused_floor(Path(args.tuning_from)) if args.tuning_from else {}
+        floor_jobs = {case: make_job(case, UNTRAINED_METHODS[0], 0, lr=None, phase="tune") for case in cases
+                      if recipe_of[case].task == "instruction" and case not in saved_floor and (args.search_only or any(m not in reused.get(case, {}) for m in trained))}
+        run(list(floor_jobs.values()))
+        tune_jobs += floor_jobs.values()
+        untuned_validation = {**{c: v for c, v in saved_floor.items() if c in cases}, **{c: validation_score(j, recipe_of[c].metric) for c, j in floor_jobs.items()}}
 
     jobs: list[Job] = []
     for case in cases if not args.search_only else []:  # the untrained model once per case, then seed-major: every method's first seed finishes first
@@ -942,6 +968,7 @@ def main(argv: list[str] | None = None) -> int:
         "tuning": tuning,
         "search_only": args.search_only,
         "tuning_data": tuning_data,
+        "untuned_validation": untuned_validation,
         "runs": [run_record(j) for j in every],
         "summary": summary,
     }
@@ -949,10 +976,10 @@ def main(argv: list[str] | None = None) -> int:
     result["trivial_baselines"] = baselines
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), result)
-    atomic_write_text(out.with_suffix(".md"), markdown(summary, env, baselines, result["recipes"], tuning))
+    atomic_write_text(out.with_suffix(".md"), markdown(summary, env, baselines, result["recipes"], tuning, untuned_validation))
     plot(summary, out.with_suffix(".png"), baselines, result["recipes"])
     plot_tradeoff(summary, out.with_name(out.name + "-tradeoff.png"), result["recipes"])
-    print(markdown(summary, env, baselines, result["recipes"], tuning))
+    print(markdown(summary, env, baselines, result["recipes"], tuning, untuned_validation))
     failed = [j for j in every if j.error]
     for j in failed:
         print(f"FAILED {j.case} {j.method} seed {j.seed} ({j.phase}): {j.error} (log: {j.log})", file=sys.stderr)

@@ -498,6 +498,37 @@ def test_quality_liger_flag_reaches_the_instruction_runs_only(tmp_path, tiny_lla
     assert run["argv"][-1] == "--liger" and "--liger" in run["error"]
 
 
+def test_quality_search_measures_the_untuned_model_on_its_validation_split(tmp_path, tiny_llama_dir):
+    """An instruction case's search evaluates the untrained model once on the search's own
+    validation split (the floor its scores read against); --tuning-from carries it over without
+    evaluating again."""
+    bench = load_script("quality")
+    task = tmp_path / "data" / "tiny_inst"
+    task.mkdir(parents=True)
+    rows = [{"instruction": f"the cat sat {i} times", "output": f"so #### {i}", "answer": str(i), "template": i % 4} for i in range(12)]
+    for split in ("train", "validation", "test"):
+        (task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--case", "smollm2/tiny_inst", "--recipe", "decoder-gsm", "--model", f"smollm2={tiny_llama_dir}", "--data-root", str(tmp_path / "data"),
+              "--methods", "all-layer", "--max-steps", "1", "--lr-grid", "1", "--widen", "0", "--retries", "0", "--tune-holdout", "0.25"]
+    assert bench.main(common + ["--search-only", "--runs", str(tmp_path / "runs-a"), "--out", str(tmp_path / "search")]) == 0
+    search = json.loads((tmp_path / "search.json").read_text())
+    (floor_run,) = [r for r in search["runs"] if r["method"] == "untuned"]
+    assert floor_run["phase"] == "tune" and floor_run["argv"][0] == "eval"
+    assert floor_run["argv"][floor_run["argv"].index("--eval-splits") + 1] == "validation"
+    tune_data = Path(search["tuning_data"]["smollm2/tiny_inst"]["path"])
+    assert floor_run["argv"][floor_run["argv"].index("--data") + 1] == str(tune_data)
+    held_out = len((tune_data / "validation.jsonl").read_text().splitlines())
+    saved = json.loads((Path(floor_run["run_dir"]) / "eval.json").read_text())["validation"]
+    assert saved["n"] == held_out == 3  # one of the four templates, three records each
+    assert search["untuned_validation"] == {"smollm2/tiny_inst": saved["exact_match"]}
+    assert f"Untuned model on the same validation split: {100 * saved['exact_match']:.1f}%" in (tmp_path / "search.md").read_text()
+
+    assert bench.main(common + ["--seeds", "0", "--tuning-from", str(tmp_path / "search.json"), "--runs", str(tmp_path / "runs-b"), "--out", str(tmp_path / "final")]) == 0
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final["untuned_validation"] == search["untuned_validation"]
+    assert {r["phase"] for r in final["runs"]} == {"final"} and not (tmp_path / "runs-b" / "smollm2__tiny_inst" / "tune").exists()
+
+
 def test_tradeoff_styles_are_fixed_per_method():
     """Each method keeps one marker and colour in both panels (the step-time panel skips the
     untuned model, which once shifted every colour after it); CKA methods alone are red."""
