@@ -1,0 +1,316 @@
+"""Does a selection method keep all-layer LoRA's quality at half the cost? The verdict over the
+binding cases, from the quality benchmark's results.
+
+The goal (the selection-science issue): over the four cases where the budget binds, with 3 seeds
+per method, one method is
+
+- on average within ``0.5`` points of all-layer LoRA:  mean_c (q̄_m,c − q̄_all,c) ≥ −0.5,
+- at ≤ 0.5x all-layer LoRA's adapter parameters in every case, or, where it trains as many
+  parameters, at ≤ 0.75x its step time and ≤ 0.8x its peak memory on the 7B cost case
+  (``train_cost.py --case llama7b``),
+- and on average ≥ 1 point above both random-50% and the equal-budget baseline:
+  mean_c (q̄_m,c − q̄_b,c) ≥ 1 for b in {random-50, equal-budget},
+
+where q̄_m,c is method m's test score in % on case c, averaged over its seeds, each method at its
+own learning rate chosen on validation (only ``--protocol tuned`` results count: at one shared
+rate the comparison favours the method the rate was tuned for).
+
+Results of one case may come from several files (a search's final seeds on one machine, more
+seeds on another): the final test runs of every ``--results`` file are pooled by (case, method,
+seed); a run found in two files must report the same score, and the seeds of one method must
+share one learning rate. A method is judged once every binding case has 3 seeds of it and of the
+three baselines; until then its numbers are shown as provisional, over the cases it has.
+
+    python benchmarks/goal.py --results benchmarks/results/quality-gpu-qwen05.json \\
+        benchmarks/results/quality-cpu-minilm-rte-tuned.json --cost benchmarks/results/train-cost-gpu.json \\
+        --out benchmarks/results/goal
+
+Writes ``OUT.json`` (every pooled cell, the per-method averages and verdicts), ``OUT.md`` (one
+table per case, then the verdicts) and ``OUT.png`` (per case: test score against adapter
+parameters and against step time, both as multiples of all-layer LoRA's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BINDING_CASES = ("qwen05/math_gsm_symbolic", "mpnet/nli_vitaminc", "minilm/rte_epistemic", "minilm/nli_vitaminc")
+REFERENCE = "all-layer"
+BASELINES = ("random-50", "equal-budget")
+NOT_CANDIDATES = ("all-layer", "untuned", *BASELINES)
+SEEDS_NEEDED = 3
+MAX_GAP_TO_ALL = 0.5  # points
+MAX_PARAM_FRACTION = 0.5
+MAX_STEP_RATIO = 0.75  # on the 7B cost case
+MAX_PEAK_RATIO = 0.8
+MIN_GAIN_OVER_BASELINES = 1.0  # points
+#: quality.py's method -> train_cost.py's row of the 7B case (methods without a row have none)
+COST_ROWS = {"all-layer": "all", "cka-50": "cka50", "equal-budget": "equal-budget", "units-50": "units50", "dynamic-50": "dynamic50"}
+
+
+class InputError(Exception):
+    """Bad input: ``flag`` and what is wrong (printed as one line, exit 2)."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(f"{flag}: {message}")
+
+
+@dataclass
+class Cell:
+    """One method on one case: its test scores in % by seed, and its cost as its runs measured it."""
+
+    case: str
+    method: str
+    metric: str
+    lr: float | None
+    scores: dict[int, float] = field(default_factory=dict)
+    adapter_params: list[float] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
+    peak_gib: list[float] = field(default_factory=list)
+    sharing: list[float] = field(default_factory=list)  # per run: other runs on its GPU (its file's summary)
+    sources: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.scores.values())
+
+    @property
+    def std(self) -> float:  # population std over seeds, as quality.py reports it
+        return statistics.pstdev(self.scores.values()) if len(self.scores) > 1 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "case": self.case, "method": self.method, "metric": self.metric, "lr": self.lr,
+            "scores": {str(s): v for s, v in sorted(self.scores.items())}, "mean": self.mean, "std": self.std, "num_seeds": len(self.scores),
+            "adapter_params": _mean(self.adapter_params), "step_s": _mean(self.step_s), "peak_memory_gib": _mean(self.peak_gib), "gpu_sharing": _mean(self.sharing),
+            "sources": sorted(set(self.sources.values())),
+        }
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def pool_results(paths: list[Path]) -> dict[tuple[str, str], Cell]:
+    """Every finished final test run of the ``paths`` (quality.py OUT.json files of ``--protocol
+    tuned``), pooled into (case, method) -> Cell; InputError on a file that is unreadable, not
+    tuned, or disagrees with another about the same run, and on one method's seeds at two rates."""
+    cells: dict[tuple[str, str], Cell] = {}
+    for path in paths:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise InputError("--results", f"cannot read {path}: {error}") from None
+        if not isinstance(data, dict) or "runs" not in data:
+            raise InputError("--results", f"{path} is not a quality.py result (no 'runs')")
+        if data.get("protocol") != "tuned":
+            raise InputError("--results", f"{path} was made with --protocol {data.get('protocol')}: only runs at each method's own validated learning rate (--protocol tuned) count")
+        recipes = data.get("recipes", {})
+        for run in data["runs"]:
+            if run.get("phase") != "final" or run.get("error"):
+                continue
+            case, method, seed = run["case"], run["method"], int(run["seed"])
+            metric = recipes.get(case, {}).get("metric", "accuracy")
+            value = ((run.get("final") or {}).get("test") or {}).get(metric)
+            if value is None:
+                continue
+            score = 100 * float(value)
+            cell = cells.get((case, method))
+            if cell is None:
+                cell = cells[(case, method)] = Cell(case, method, metric, run.get("lr"))
+            if cell.metric != metric:
+                raise InputError("--results", f"{case}: {path} scores {metric}, {cell.sources[next(iter(cell.sources))]} scores {cell.metric}")
+            if seed in cell.scores:
+                if abs(cell.scores[seed] - score) > 1e-9:
+                    raise InputError("--results", f"{cell.sources[seed]} and {path} disagree on {case} {method} seed {seed} ({cell.scores[seed]:.2f} vs {score:.2f}%)")
+                continue
+            if run.get("lr") != cell.lr:
+                raise InputError("--results", f"{case} {method}: seeds at two learning rates ({cell.lr} in {cell.sources[next(iter(cell.sources))]}, {run.get('lr')} in {path}); pool the runs of one search only")
+            cell.scores[seed] = score
+            cell.sources[seed] = str(path)
+            adapter = (run.get("params") or {}).get("adapter")
+            if adapter is not None:
+                cell.adapter_params.append(float(adapter))
+            if run.get("step_s") is not None:
+                cell.step_s.append(float(run["step_s"]))
+            if run.get("peak_memory_gib") is not None:
+                cell.peak_gib.append(float(run["peak_memory_gib"]))
+            shared = (((data.get("summary") or {}).get(case) or {}).get(method) or {}).get("gpu_sharing")
+            if shared:
+                cell.sharing.append(float(shared["mean"]))
+    return cells
+
+
+def read_cost(path: Path | None) -> dict[str, dict[str, float]]:
+    """The 7B cost case's ratios to all-layer LoRA: quality.py method -> {"step": ..., "peak": ...}."""
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputError("--cost", f"cannot read {path}: {error}") from None
+    if not isinstance(data, dict) or (data.get("case") or {}).get("name") != "llama7b":
+        raise InputError("--cost", f"{path} is not train_cost.py's llama7b case (run: python benchmarks/train_cost.py --case llama7b --device cuda)")
+    rows = {row["selection"]: row for row in data.get("results", [])}
+    return {method: {"step": rows[row]["step_time_ratio_to_all"], "peak": rows[row]["peak_memory_ratio_to_all"]} for method, row in COST_ROWS.items() if row in rows}
+
+
+def judge(method: str, cells: dict[tuple[str, str], Cell], cases: list[str], cost: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Method's averages over ``cases`` and its verdict: "meets", "misses" (with the criteria it
+    misses) or "incomplete" (with what is missing; the averages are then over the cases that have
+    every needed cell, and provisional)."""
+    missing = []
+    for case in cases:
+        for name in (method, REFERENCE, *BASELINES):
+            have = len(cells[(case, name)].scores) if (case, name) in cells else 0
+            if have < SEEDS_NEEDED:
+                missing.append(f"{case} {name}: {have} of {SEEDS_NEEDED} seeds")
+    usable = [c for c in cases if all((c, n) in cells for n in (method, REFERENCE, *BASELINES))]
+    entry: dict[str, Any] = {"method": method, "cases": usable, "missing": missing}
+    if not usable:
+        return {**entry, "verdict": "incomplete", "gap_to_all_layer": None, "gain_over": {b: None for b in BASELINES}, "param_fraction_max": None, "cost_7b": cost.get(method), "misses": []}
+    gap = statistics.fmean(cells[(c, method)].mean - cells[(c, REFERENCE)].mean for c in usable)
+    gains = {b: statistics.fmean(cells[(c, method)].mean - cells[(c, b)].mean for c in usable) for b in BASELINES}
+    fractions = []
+    for c in usable:
+        mine, full = _mean(cells[(c, method)].adapter_params), _mean(cells[(c, REFERENCE)].adapter_params)
+        fractions.append(None if mine is None or not full else mine / full)
+    fraction = None if any(f is None for f in fractions) else max(fractions)
+    misses = []
+    if gap < -MAX_GAP_TO_ALL:
+        misses.append(f"{gap:+.1f} points against all-layer (needs ≥ {-MAX_GAP_TO_ALL:+.1f})")
+    for b, gain in gains.items():
+        if gain < MIN_GAIN_OVER_BASELINES:
+            misses.append(f"{gain:+.1f} over {b} (needs ≥ +{MIN_GAIN_OVER_BASELINES:.1f})")
+    cheap_params = fraction is not None and fraction <= MAX_PARAM_FRACTION + 1e-9
+    ratios = cost.get(method)
+    cheap_steps = ratios is not None and ratios["step"] <= MAX_STEP_RATIO and ratios["peak"] <= MAX_PEAK_RATIO
+    if not (cheap_params or cheap_steps):
+        params = "unknown" if fraction is None else f"{fraction:.2f}x"
+        steps = "no 7B cost row" if ratios is None else f"7B step {ratios['step']:.2f}x, peak {ratios['peak']:.2f}x"
+        misses.append(f"cost: adapter parameters {params} (needs ≤ {MAX_PARAM_FRACTION}x) and {steps} (needs ≤ {MAX_STEP_RATIO}x and ≤ {MAX_PEAK_RATIO}x)")
+    verdict = "incomplete" if missing else ("misses" if misses else "meets")
+    return {**entry, "verdict": verdict, "gap_to_all_layer": gap, "gain_over": gains, "param_fraction_max": fraction, "cost_7b": ratios, "misses": misses}
+
+
+def markdown(cells: dict[tuple[str, str], Cell], verdicts: list[dict[str, Any]], cases: list[str], command: str) -> str:
+    lines = ["Issue 12's goal over the binding cases: test score in %, mean ± std over seeds, each method at its own validated learning rate.", ""]
+    for case in cases:
+        here = [cell for (c, _), cell in cells.items() if c == case]
+        lines += [f"### {case}", ""]
+        if not here:
+            lines += ["No tuned final runs yet.", ""]
+            continue
+        full = cells.get((case, REFERENCE))
+        full_params = _mean(full.adapter_params) if full else None
+        full_step = _mean(full.step_s) if full else None
+        lines += [f"| method | lr | seeds | test {here[0].metric} (%) | adapter params (x all-layer) | step (s, as the runs measured it) | other runs on the GPU | from |", "|---|---|---|---|---|---|---|---|"]
+        for cell in sorted(here, key=lambda x: -x.mean):
+            params, step = _mean(cell.adapter_params), _mean(cell.step_s)
+            fraction = f"{params / full_params:.2f}" if params is not None and full_params else "—"
+            step_text = "—" if step is None else f"{step:.3f}" + (f" ({step / full_step:.2f}x)" if full_step else "")
+            sources = ", ".join(Path(s).name for s in sorted(set(cell.sources.values())))
+            lr = f"{cell.lr:g}" if cell.lr else "—"
+            shared = "—" if not cell.sharing else f"{_mean(cell.sharing):.1f}"
+            lines.append(f"| {cell.method} | {lr} | {len(cell.scores)} | {cell.mean:.1f} ± {cell.std:.1f} | {fraction} | {step_text} | {shared} | {sources} |")
+        lines += ["", "Step times are comparable only between runs that shared their GPU (or CPU) about as much; the isolated cost is the 7B case's (`train_cost.py`).", ""]
+    lines += ["### Verdicts", "",
+              f"Goal: Δ all-layer ≥ {-MAX_GAP_TO_ALL:+.1f}, Δ random-50 and Δ equal-budget ≥ +{MIN_GAIN_OVER_BASELINES:.1f} (points, mean over the cases), adapter parameters ≤ {MAX_PARAM_FRACTION}x in every case or 7B step ≤ {MAX_STEP_RATIO}x and peak ≤ {MAX_PEAK_RATIO}x; {SEEDS_NEEDED} seeds on each of {len(cases)} cases. Provisional (incomplete) rows average over the cases listed.", "",
+              "| method | cases | Δ all-layer | Δ random-50 | Δ equal-budget | adapter params (max x) | 7B step / peak (x) | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for v in verdicts:
+        def pts(x):
+            return "—" if x is None else f"{x:+.1f}"
+        cost = "—" if not v["cost_7b"] else f"{v['cost_7b']['step']:.2f} / {v['cost_7b']['peak']:.2f}"
+        fraction = "—" if v["param_fraction_max"] is None else f"{v['param_fraction_max']:.2f}"
+        why = "; ".join(v["misses"]) if v["verdict"] == "misses" else (f"{len(v['missing'])} cells short" + (f" (would miss: {'; '.join(v['misses'])})" if v["misses"] else "") if v["verdict"] == "incomplete" else "")
+        lines.append(f"| {v['method']} | {len(v['cases'])} of {len(cases)} | {pts(v['gap_to_all_layer'])} | {pts(v['gain_over']['random-50'])} | {pts(v['gain_over']['equal-budget'])} | {fraction} | {cost} | **{v['verdict']}**{': ' + why if why else ''} |")
+    lines += ["", f"Command: `{command}`"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(cells: dict[tuple[str, str], Cell], cases: list[str], path: Path) -> bool:
+    """Per case (a column): test score against adapter parameters (top) and against the runs'
+    step time (bottom), both as multiples of all-layer LoRA's; whiskers: std over seeds."""
+    shown = [c for c in cases if (c, REFERENCE) in cells]
+    if not shown:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({m for (c, m) in cells if c in shown})
+    colors = {m: ("#c44e52" if m.startswith("cka") else f"C{i % 10}") for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(2, len(shown), figsize=(3.6 * len(shown), 6.4), squeeze=False)
+    for column, case in enumerate(shown):
+        full = cells[(case, REFERENCE)]
+        for row, (values_of, label) in enumerate(((lambda cell: cell.adapter_params, "adapter parameters (x all-layer)"), (lambda cell: cell.step_s, "step time (x all-layer)"))):
+            ax = axes[row][column]
+            base = _mean(values_of(full))
+            for method in methods:
+                cell = cells.get((case, method))
+                value = None if cell is None else _mean(values_of(cell))
+                if cell is None or value is None or not base:
+                    continue
+                ax.errorbar(value / base, cell.mean, yerr=cell.std, fmt="o", color=colors[method], label=method, capsize=3)
+            ax.set_xlabel(label)
+            ax.set_ylabel(f"test {full.metric} (%)")
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(case, fontsize=9)
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(6, len(handles)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", nargs="+", required=True, type=Path, help="quality.py OUT.json files (--protocol tuned)")
+    parser.add_argument("--cost", type=Path, help="train_cost.py's llama7b OUT.json (the step-time and memory criterion)")
+    parser.add_argument("--cases", default=",".join(BINDING_CASES), help=f"comma-separated cases to judge over (default: {','.join(BINDING_CASES)})")
+    parser.add_argument("--out", required=True, type=Path, help="writes OUT.json, OUT.md, OUT.png")
+    args = parser.parse_args(argv)
+    try:
+        cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+        if not cases:
+            raise InputError("--cases", "give at least one case, e.g. " + BINDING_CASES[0])
+        cells = pool_results(args.results)
+        cost = read_cost(args.cost)
+        unknown = [c for c in cases if not any(case == c for case, _ in cells)]
+        if len(unknown) == len(cases):
+            raise InputError("--cases", f"none of {', '.join(cases)} has final runs in --results (they have: {', '.join(sorted({c for c, _ in cells})) or 'none'})")
+    except InputError as error:
+        print(f"goal.py: error: {error}", file=sys.stderr)
+        return 2
+    candidates = sorted({m for (c, m) in cells if c in cases and m not in NOT_CANDIDATES})
+    verdicts = [judge(m, cells, cases, cost) for m in candidates]
+    command = "python benchmarks/goal.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {"command": command, "cases": cases, "goal": {"max_gap_to_all_layer": MAX_GAP_TO_ALL, "min_gain_over_baselines": MIN_GAIN_OVER_BASELINES, "max_param_fraction": MAX_PARAM_FRACTION,
+              "max_step_ratio_7b": MAX_STEP_RATIO, "max_peak_ratio_7b": MAX_PEAK_RATIO, "seeds": SEEDS_NEEDED},
+              "cells": [cell.to_json() for (c, _), cell in sorted(cells.items()) if c in cases], "cost_7b": cost, "verdicts": verdicts}
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from lwlora.io import atomic_write_json, atomic_write_text
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out.with_suffix(".json"), result)
+    text = markdown(cells, verdicts, cases, command)
+    atomic_write_text(args.out.with_suffix(".md"), text)
+    plot(cells, cases, args.out.with_suffix(".png"))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
