@@ -199,6 +199,57 @@ def test_data_parallel_under_torchrun_on_cpu(tiny_bert_dir, cls_dir, tmp_path):
     assert (tmp_path / "two" / "adapter" / "adapter_config.json").is_file()
 
 
+_DIVERGING_RANK = """
+import dataclasses, json, os, sys
+from transformers import TrainerCallback
+import lwlora.training.layers as layers
+import lwlora.training.trainer as trainer_module
+from lwlora import cli
+
+rank, record = int(os.environ["RANK"]), sys.argv[1]
+choose = layers.choose_layers
+def diverging(*args, **kwargs):  # process 1 measures another block (a near tie broken the other way)
+    selection = choose(*args, **kwargs)
+    if rank == 1:
+        selection = dataclasses.replace(selection, selected=[(selection.selected[0] + 1) % selection.num_layers])
+    return selection
+layers.choose_layers = diverging
+
+class Adapted(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        names = sorted(n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+        with open(f"{record}/rank{rank}.json", "w") as handle:
+            json.dump(names, handle)
+
+train = trainer_module.train
+trainer_module.train = lambda config, callbacks=None: train(config, callbacks=[Adapted(), *(callbacks or [])])
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_every_process_of_a_launch_adapts_process_0s_blocks(tiny_bert_dir, cls_dir, tmp_path):
+    """Two DDP processes whose own CKA selections differ (process 1's is made to): both train
+    process 0's block, and process 1 says its measurement differed. (Same-shaped adapters on
+    different blocks would pass DDP's shape check and silently share gradients.)"""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "diverging.py"
+    script.write_text(_DIVERGING_RANK)
+    out = tmp_path / "run"
+    args = train_args(tiny_bert_dir, cls_dir, out, "--batch-size", "4", "--max-steps", "2")[1:]
+    args[args.index("last")] = "cka"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path), "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    adapted = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    selected = json.loads((out / "selection.json").read_text())["selected"]
+    assert adapted[0] == adapted[1] and adapted[0] and all(f".{selected[0]}." in name for name in adapted[0])
+    assert "process 1 measured blocks" in done.stderr and f"process 0 blocks {selected}" in done.stderr
+
+
 def test_classification_loss_is_the_same_in_one_and_two_processes(tiny_bert_dir, tmp_path):
     """The same global batch of 8, three ways: one process, one process accumulating 2 x 4, two DDP
     processes of 4 (gloo, CPU). The train-loss curves and the eval loss must agree to 1e-4 relative.

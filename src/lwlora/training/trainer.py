@@ -379,6 +379,7 @@ def _train(config: TrainConfig, callbacks: list[Any] | None) -> TrainResult:
     from lwlora.adapters.placement import apply_selection, verify
     from lwlora.selection.artifact import LayerSelection
     from lwlora.tasks import load_task
+    from lwlora.training.agreement import rank_zero_choice
     from lwlora.training.callbacks import DivergenceGuard, RunLoss, check_finite
     from lwlora.training.device import compute_context, place_model, resolve_training_device
     from lwlora.selection.artifact import rule_selection
@@ -449,6 +450,7 @@ def _train(config: TrainConfig, callbacks: list[Any] | None) -> TrainResult:
         task_type = "CAUSAL_LM" if task.kind == "causal_lm" else "SEQ_CLS"
         with compute_context(device, bf16=config.bf16, fp16=config.fp16):
             plan = plan_ranks(config, selection, stack, model, tokenizer, model_kind, task)
+        selection, plan = rank_zero_choice(selection, plan)  # every process of a launch adapts the same blocks
         ranks = plan["ranks"]
         extra_modules = [m.strip() for m in config.modules_to_save.split(",") if m.strip()] if config.modules_to_save else []
         if extra_modules:
