@@ -506,8 +506,8 @@ def test_quality_search_measures_the_untuned_model_on_its_validation_split(tmp_p
     task = tmp_path / "data" / "tiny_inst"
     task.mkdir(parents=True)
     rows = [{"instruction": f"the cat sat {i} times", "output": f"so #### {i}", "answer": str(i), "template": i % 4} for i in range(12)]
-    for split in ("train", "validation", "test"):
-        (task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for split, records in (("train", rows), ("validation", rows[:2]), ("test", rows[:2])):  # few to generate for: a random model runs to the token limit
+        (task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     common = ["--case", "smollm2/tiny_inst", "--recipe", "decoder-gsm", "--model", f"smollm2={tiny_llama_dir}", "--data-root", str(tmp_path / "data"),
               "--methods", "all-layer", "--max-steps", "1", "--lr-grid", "1", "--widen", "0", "--retries", "0", "--tune-holdout", "0.25"]
     assert bench.main(common + ["--search-only", "--runs", str(tmp_path / "runs-a"), "--out", str(tmp_path / "search")]) == 0
