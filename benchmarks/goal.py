@@ -199,6 +199,12 @@ def judge(method: str, cells: dict[tuple[str, str], Cell], cases: list[str], cos
     return {**entry, "verdict": verdict, "gap_to_all_layer": gap, "gain_over": gains, "param_fraction_max": fraction, "cost_7b": ratios, "misses": misses}
 
 
+def same_waves(cell: Cell, reference: Cell) -> bool:
+    """Whether ``cell``'s runs come from the result files of ``reference``'s runs: step times
+    depend on what else shared the machine, so they are compared only within one session's runs."""
+    return set(cell.sources.values()) <= set(reference.sources.values())
+
+
 def markdown(cells: dict[tuple[str, str], Cell], verdicts: list[dict[str, Any]], cases: list[str], command: str) -> str:
     lines = ["Issue 12's goal over the binding cases: test score in %, mean ± std over seeds, each method at its own validated learning rate.", ""]
     for case in cases:
@@ -214,12 +220,13 @@ def markdown(cells: dict[tuple[str, str], Cell], verdicts: list[dict[str, Any]],
         for cell in sorted(here, key=lambda x: -x.mean):
             params, step = _mean(cell.adapter_params), _mean(cell.step_s)
             fraction = f"{params / full_params:.2f}" if params is not None and full_params else "—"
-            step_text = "—" if step is None else f"{step:.3f}" + (f" ({step / full_step:.2f}x)" if full_step else "")
+            comparable = full is not None and full_step and same_waves(cell, full)
+            step_text = "—" if step is None else f"{step:.3f}" + (f" ({step / full_step:.2f}x)" if comparable else " ³")
             sources = ", ".join(Path(s).name for s in sorted(set(cell.sources.values())))
             lr = f"{cell.lr:g}" if cell.lr else "—"
             shared = "—" if not cell.sharing else f"{_mean(cell.sharing):.1f}"
             lines.append(f"| {cell.method} | {lr} | {len(cell.scores)} | {cell.mean:.1f} ± {cell.std:.1f} | {fraction} | {step_text} | {shared} | {sources} |")
-        lines += ["", "Step times are comparable only between runs that shared their GPU (or CPU) about as much; the isolated cost is the 7B case's (`train_cost.py`).", ""]
+        lines += ["", "Step times are comparable only between runs that shared their GPU (or CPU) about as much: the ratio to all-layer is given only for runs from the same result files as all-layer's (³: other sessions, not comparable). The isolated cost is the 7B case's (`train_cost.py`).", ""]
     lines += ["### Verdicts", "",
               f"Goal: Δ all-layer ≥ {-MAX_GAP_TO_ALL:+.1f}, Δ random-50 and Δ equal-budget ≥ +{MIN_GAIN_OVER_BASELINES:.1f} (points, mean over the cases), adapter parameters ≤ {MAX_PARAM_FRACTION}x in every case or 7B step ≤ {MAX_STEP_RATIO}x and peak ≤ {MAX_PEAK_RATIO}x; {SEEDS_NEEDED} seeds on each of {len(cases)} cases. Provisional (incomplete) rows average over the cases listed.", "",
               "| method | cases | Δ all-layer | Δ random-50 | Δ equal-budget | adapter params (max x) | 7B step / peak (x) | verdict |", "|---|---|---|---|---|---|---|---|"]
@@ -236,7 +243,9 @@ def markdown(cells: dict[tuple[str, str], Cell], verdicts: list[dict[str, Any]],
 
 def plot(cells: dict[tuple[str, str], Cell], cases: list[str], path: Path) -> bool:
     """Per case (a column): test score against adapter parameters (top) and against the runs'
-    step time (bottom), both as multiples of all-layer LoRA's; whiskers: std over seeds."""
+    step time (bottom), both as multiples of all-layer LoRA's; whiskers: std over seeds. The
+    step-time panel shows only the methods timed in the same sessions as all-layer
+    (:func:`same_waves`)."""
     shown = [c for c in cases if (c, REFERENCE) in cells]
     if not shown:
         return False
@@ -246,7 +255,9 @@ def plot(cells: dict[tuple[str, str], Cell], cases: list[str], path: Path) -> bo
     import matplotlib.pyplot as plt
 
     methods = sorted({m for (c, m) in cells if c in shown})
-    colors = {m: ("#c44e52" if m.startswith("cka") else f"C{i % 10}") for i, m in enumerate(methods)}
+    others = [f"C{i}" for i in range(10) if i != 3]  # C3 is a red: CKA's colour alone
+    colors = {m: ("#c44e52" if m.startswith("cka") else others[i % len(others)]) for i, m in enumerate(m for m in methods if not m.startswith("cka"))}
+    colors.update({m: "#c44e52" for m in methods if m.startswith("cka")})
     fig, axes = plt.subplots(2, len(shown), figsize=(3.6 * len(shown), 6.4), squeeze=False)
     for column, case in enumerate(shown):
         full = cells[(case, REFERENCE)]
@@ -256,7 +267,7 @@ def plot(cells: dict[tuple[str, str], Cell], cases: list[str], path: Path) -> bo
             for method in methods:
                 cell = cells.get((case, method))
                 value = None if cell is None else _mean(values_of(cell))
-                if cell is None or value is None or not base:
+                if cell is None or value is None or not base or (row == 1 and not same_waves(cell, full)):
                     continue
                 ax.errorbar(value / base, cell.mean, yerr=cell.std, fmt="o", color=colors[method], label=method, capsize=3)
             ax.set_xlabel(label)

@@ -95,6 +95,14 @@ def test_goal_pools_files_and_refuses_what_cannot_be_pooled(tmp_path, capsys):
     assert goal.main(["--results", str(one), "--out", str(tmp_path / "g1")]) == 0
     assert goal.main(["--results", str(first), str(second), "--out", str(tmp_path / "g2")]) == 0
     assert _verdicts(tmp_path / "g1") == _verdicts(tmp_path / "g2")
+    # step times: a ratio to all-layer only for runs timed in the same files (the same sessions)
+    late = _write(tmp_path / "late.json", [_run(c, "late", s, 0.5, step=0.5) for c in CASES for s in (0, 1, 2)])
+    assert goal.main(["--results", str(one), str(late), "--out", str(tmp_path / "g3")]) == 0
+    lines = (tmp_path / "g3.md").read_text().splitlines()
+    late_rows = [line for line in lines if line.startswith("| late | 0.001 | 3 |")]
+    full_rows = [line for line in lines if line.startswith("| all-layer | 0.001 | 3 |")]
+    assert len(late_rows) == len(full_rows) == 4
+    assert all("0.500 ³" in line for line in late_rows) and all("1.000 (1.00x)" in line for line in full_rows)
 
     def refused(files, flag, words, extra=()):
         capsys.readouterr()
