@@ -14,7 +14,14 @@ full fine-tuning, and the candidates of the selection-science issue:
 - ``dynamic50``: adapters on every block, half of them trainable at a time (lwlora's
   ``DynamicBlocks``): each timed step draws its own half uniformly (a random model's importances
   are flat), so the median covers the spread of lowest active blocks; optimizer state is kept
-  for every adapter, as the callback keeps it.
+  for every adapter, as the callback keeps it;
+- ``importance-ranks``: every block, equal-budget's total rank redistributed by importance
+  (``--rank-allocation importance``); a random model has no importances, so the stand-in's rise
+  linearly with depth (block ranks from about r/4 to 3r/4);
+- ``eva-budget``: PEFT's EVA initialisation at equal-budget's rank (ranks redistributed by
+  explained variance), from ``EVA_BATCHES`` batches of the case's shape; the row also reports the
+  one-off initialisation time ``init_s`` (incremental SVD of every adapted layer's inputs; on
+  random weights and random tokens, so how many batches it takes to converge is only indicative).
 
 ``prune`` (warm-up then prune) costs all-layer LoRA for the warm-up and the kept blocks'
 selection afterwards (on a real model, about ``cka50``'s cost). Ratios are to all-layer LoRA.
@@ -104,7 +111,25 @@ def selections(num_layers: int) -> dict[str, list[int] | None]:
         "equal-budget": list(range(num_layers)),
         "units50": list(range(num_layers)),
         "dynamic50": list(range(num_layers)),
+        "importance-ranks": list(range(num_layers)),
+        "eva-budget": list(range(num_layers)),
     }
+
+
+#: batches EVA's initialisation reads in the ``eva-budget`` row (lwlora train reads --num-samples
+#: examples in --select-batch-size batches; 4 batches of the case's shape is of that order)
+EVA_BATCHES = 4
+
+
+def ranks_stand_in(stack, r: int) -> dict:
+    """``importance-ranks``' rank plan: equal-budget's total rank (⌊r/2⌋ per block) redistributed
+    by importances that rise linearly with depth; returns apply_selection's rank keywords."""
+    from lwlora.adapters.ranks import alpha_pattern_for_peft, importance_rank_pattern, rank_pattern_for_peft
+
+    budget = max(1, r // 2)
+    blocks = list(range(stack.num_layers))
+    ranks = importance_rank_pattern([0.25 + 0.5 * i / max(1, stack.num_layers - 1) for i in blocks], blocks, budget * len(blocks))
+    return {"r": budget, "alpha": budget, "ranks": [ranks[i] for i in blocks], "rank_pattern": rank_pattern_for_peft(stack.path, ranks, budget), "alpha_pattern": alpha_pattern_for_peft(stack.path, ranks, 1.0)}
 
 
 def units_stand_in(stack, r: int) -> dict:
@@ -206,9 +231,31 @@ def bench(case: Case, device: str) -> list[dict]:
         else:
             for p in model.parameters():
                 p.requires_grad_(False)
-            r = max(1, case.r // 2) if name == "equal-budget" else case.r
+            r = max(1, case.r // 2) if name in ("equal-budget", "eva-budget") else case.r
             units = units_stand_in(stack, case.r) if name == "units50" else None
-            peft_model = apply_selection(model, make_selection(stack, selected, units), r=r, alpha=r, target_modules="auto", task_type="SEQ_CLS" if case.encoder else None)
+            extra: dict = {}
+            if name == "importance-ranks":
+                extra = ranks_stand_in(stack, case.r)
+                r = extra.pop("r")
+                extra.pop("alpha")
+                block_ranks = extra.pop("ranks")
+            if name == "eva-budget":
+                g = torch.Generator().manual_seed(1)
+                extra = {"method": "eva", "init_batches": [{"input_ids": torch.randint(5, vocab, (case.batch_size, case.seq_len), generator=g).to(device)} for _ in range(EVA_BATCHES)]}
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+            started = time.perf_counter()
+            try:
+                peft_model = apply_selection(model, make_selection(stack, selected, units), r=r, alpha=r, target_modules="auto", task_type="SEQ_CLS" if case.encoder else None, **extra)
+            except Exception as error:  # noqa: BLE001 - EVA's SVD on this device/dtype; the rows measured so far are kept
+                if name != "eva-budget":
+                    raise
+                rows.append({"selection": name, "blocks": selected, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"})
+                print(json.dumps(rows[-1]), flush=True)
+                break  # the model may hold EVA's half-made adapters: eva-budget is the last row
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            init_s = time.perf_counter() - started
             switch = None
             if name == "dynamic50":
                 adapters = block_adapters(peft_model, stack.path, stack.num_layers)
@@ -225,10 +272,16 @@ def bench(case: Case, device: str) -> list[dict]:
             model = peft_model.unload()
             stack = resolve_block_stack(model)
             lowest = min(selected) if name != "dynamic50" else "drawn"
+            if name == "eva-budget":
+                measured["init_s"] = init_s
+            if name == "importance-ranks":
+                measured["block_ranks"] = block_ranks
         rows.append({"selection": name, "blocks": selected, "lowest_adapted_block": lowest, **measured})
         print(json.dumps(rows[-1]), flush=True)
     base = next(r for r in rows if r["selection"] == "all")
     for row in rows:
+        if "error" in row:
+            continue
         row["step_time_ratio_to_all"] = row["step_s"] / base["step_s"]
         if row["peak_memory_bytes"] and base["peak_memory_bytes"]:
             row["peak_memory_ratio_to_all"] = row["peak_memory_bytes"] / base["peak_memory_bytes"]
@@ -243,9 +296,13 @@ def markdown(case: Case, rows: list[dict], env: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['selection']} | failed: {r['error']} | | | | | | |")
+            continue
         mem = f"{r['peak_memory_bytes'] / 2**30:.1f} GiB" if r["peak_memory_bytes"] else "—"
         mem_ratio = f"{r['peak_memory_ratio_to_all']:.2f}" if "peak_memory_ratio_to_all" in r else "—"
         lines.append(f"| {r['selection']} | {r['lowest_adapted_block']} | {r['trainable_params']:,} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {mem} | {r['step_time_ratio_to_all']:.2f} | {mem_ratio} |")
+    lines += [f"{r['selection']}: one-off initialisation {r['init_s']:.1f} s (EVA's SVD of the adapted layers' inputs, {EVA_BATCHES} batches)" for r in rows if "init_s" in r]
     lines += ["", f"Command: `{env['command']}`"]
     return "\n".join(lines) + "\n"
 

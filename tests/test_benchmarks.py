@@ -72,12 +72,39 @@ def test_train_cost_benchmark_smoke(tmp_path):
     assert bench.main(["--case", "tiny", "--out", str(tmp_path / "cost")]) == 0
     rows = json.loads((tmp_path / "cost.json").read_text())["results"]
     by_name = {row["selection"]: row for row in rows}
-    assert set(by_name) == {"all", "cka50", "last50", "first50", "full", "equal-budget", "units50", "dynamic50"}
+    assert set(by_name) == {"all", "cka50", "last50", "first50", "full", "equal-budget", "units50", "dynamic50", "importance-ranks", "eva-budget"}
+    # importance ranks: equal-budget's total rank (2 per block), rising with depth, so the same parameters
+    ranks = by_name["importance-ranks"]["block_ranks"]
+    assert sum(ranks) == 2 * len(ranks) and ranks == sorted(ranks) and ranks[0] < ranks[-1]
+    assert by_name["importance-ranks"]["trainable_params"] == by_name["equal-budget"]["trainable_params"]
+    # EVA at equal-budget's rank keeps at most that total (a layer may lose rank) and times its initialisation
+    assert 0 < by_name["eva-budget"]["trainable_params"] <= by_name["equal-budget"]["trainable_params"]
+    assert by_name["eva-budget"]["init_s"] > 0 and all("init_s" not in row for name, row in by_name.items() if name != "eva-budget")
     assert by_name["cka50"]["trainable_params"] * 2 == by_name["all"]["trainable_params"]
     assert by_name["equal-budget"]["trainable_params"] * 2 == by_name["all"]["trainable_params"]  # r 4 -> 2 on every block
     assert 0 < by_name["units50"]["trainable_params"] <= by_name["all"]["trainable_params"] / 2
     assert by_name["dynamic50"]["trainable_params"] == by_name["all"]["trainable_params"]  # every block has an adapter (and state)
     assert by_name["last50"]["lowest_adapted_block"] == 4 and by_name["full"]["trainable_params"] > by_name["all"]["trainable_params"]
+
+
+def test_train_cost_keeps_the_measured_rows_when_eva_fails(tmp_path, monkeypatch):
+    """EVA's SVD can fail on a device or dtype (bfloat16 QR on CUDA once did): the eva-budget row
+    then says why, and every row measured before it is still written."""
+    bench = load_script("train_cost")
+    monkeypatch.setattr(bench, "selections", lambda n: {"all": list(range(n)), "eva-budget": list(range(n))})
+    real = bench.apply_selection
+
+    def refusing(model, selection, **kwargs):
+        if kwargs.get("method") == "eva":
+            raise RuntimeError('"geqrf_cuda" not implemented for \'BFloat16\'')
+        return real(model, selection, **kwargs)
+
+    monkeypatch.setattr(bench, "apply_selection", refusing)
+    assert bench.main(["--case", "tiny", "--out", str(tmp_path / "cost")]) == 0
+    rows = {row["selection"]: row for row in json.loads((tmp_path / "cost.json").read_text())["results"]}
+    assert rows["all"]["step_s"] > 0 and rows["all"]["step_time_ratio_to_all"] == 1.0
+    assert rows["eva-budget"]["error"].startswith("RuntimeError: \"geqrf_cuda\"") and "step_s" not in rows["eva-budget"]
+    assert "| eva-budget | failed: RuntimeError" in (tmp_path / "cost.md").read_text()
 
 
 def test_train_cost_encoder_smoke(tmp_path):
