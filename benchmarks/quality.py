@@ -833,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(Path(args.from_json).read_text())
         baselines = {case: trivial_baseline(Path(args.data_root), case) for case in saved["summary"]}
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out.with_suffix(".md"), markdown(saved["summary"], saved["environment"], baselines, saved["recipes"], saved.get("tuning")))
+        atomic_write_text(out.with_suffix(".md"), markdown(saved["summary"], saved["environment"], baselines, saved["recipes"], saved.get("tuning"), saved.get("untuned_validation")))
         plot(saved["summary"], out.with_suffix(".png"), baselines, saved["recipes"])
         plot_tradeoff(saved["summary"], out.with_name(out.name + "-tradeoff.png"), saved["recipes"])
         return 0

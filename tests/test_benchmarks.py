@@ -549,6 +549,8 @@ def test_quality_search_measures_the_untuned_model_on_its_validation_split(tmp_p
     assert saved["n"] == held_out == 3  # one of the four templates, three records each
     assert search["untuned_validation"] == {"smollm2/tiny_inst": saved["exact_match"]}
     assert f"Untuned model on the same validation split: {100 * saved['exact_match']:.1f}%" in (tmp_path / "search.md").read_text()
+    assert bench.main(["--from-json", str(tmp_path / "search.json"), "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "again")]) == 0
+    assert "Untuned model on the same validation split" in (tmp_path / "again.md").read_text()  # the re-rendered report keeps it
 
     assert bench.main(common + ["--seeds", "0", "--tuning-from", str(tmp_path / "search.json"), "--runs", str(tmp_path / "runs-b"), "--out", str(tmp_path / "final")]) == 0
     final = json.loads((tmp_path / "final.json").read_text())
