@@ -497,22 +497,40 @@ def validation_score(job: Job, metric: str) -> float | None:
     return None if value is None else float(value)
 
 
-def choose_multiple(scores: dict[float, float | None]) -> float | None:
-    """The learning-rate multiple with the best validation score (ties: the smaller multiple,
-    the cautious choice); None when no run of the grid finished."""
+def learned(value: float | None, floor: float | None) -> bool:
+    """Whether a tuning run learned anything: its validation score is above ``floor``, what a
+    model that learned nothing scores on the same split (the majority class's share for a
+    classifier; None: no floor known, every finished run counts)."""
+    return value is not None and (floor is None or value > floor + 1e-9)
+
+
+def choose_multiple(scores: dict[float, float | None], floor: float | None = None) -> float | None:
+    """The learning-rate multiple with the best validation score among the runs that learned
+    (:func:`learned`; ties: the smaller multiple, the cautious choice). A run at or below
+    ``floor`` is never chosen over one above it: a classifier that collapsed onto the majority
+    class scores the floor exactly and would otherwise beat every run that learned a little.
+    When no run learned, the recipe's own rate (1x, else the smallest finished multiple).
+    None when no run of the grid finished."""
     scored = [(m, v) for m, v in scores.items() if v is not None]
     if not scored:
         return None
-    best = max(v for _, v in scored)
-    return min(m for m, v in scored if v == best)
+    learners = [(m, v) for m, v in scored if learned(v, floor)]
+    if not learners:
+        return 1.0 if any(m == 1.0 for m, _ in scored) else min(m for m, _ in scored)
+    best = max(v for _, v in learners)
+    return min(m for m, v in learners if v == best)
 
 
-def widened(scores: dict[float, float | None], chosen: float | None) -> float | None:
+def widened(scores: dict[float, float | None], chosen: float | None, floor: float | None = None) -> float | None:
     """The next multiple to try when ``chosen`` sits at an edge of the grid (x2 beyond the top,
-    /2 below the bottom), else None."""
-    if chosen is None:
+    /2 below the bottom), or when no run learned (/2 below the bottom: the higher rates diverged
+    or collapsed), else None."""
+    finished = [m for m, v in scores.items() if v is not None]
+    if chosen is None or len(finished) < 2:  # one finished point says nothing about where the optimum lies
         return None
     grid = sorted(scores)
+    if not any(learned(v, floor) for v in scores.values()):
+        return grid[0] / 2
     if len(grid) > 1 and chosen == grid[-1]:
         return grid[-1] * 2
     if len(grid) > 1 and chosen == grid[0]:
@@ -520,15 +538,18 @@ def widened(scores: dict[float, float | None], chosen: float | None) -> float | 
     return None
 
 
-def tune_learning_rates(cases: list[str], methods: list[str], *, make_job, grids: dict[str, list[float]], metrics: dict[str, str], widen: int, run, done: dict[tuple[str, str, float], Job] | None = None) -> dict[str, dict[str, Any]]:
+def tune_learning_rates(cases: list[str], methods: list[str], *, make_job, grids: dict[str, list[float]], metrics: dict[str, str], widen: int, run, done: dict[tuple[str, str, float], Job] | None = None, floors: dict[str, float | None] | None = None) -> dict[str, dict[str, Any]]:
     """Choose every (case, method)'s learning-rate multiple on the validation split.
 
     ``make_job(case, method, multiple)`` builds a tuning job; ``grids[method]`` is its starting
     grid; ``metrics[case]`` the metric compared; ``run(jobs)`` trains jobs (resumable, so finished runs are only read). Grids sitting at
     an edge grow by one point per round, at most ``widen`` times. ``done``: (case, method,
-    multiple) -> a search run finished earlier (``--tuning-from``), read instead of trained. Returns
-    case -> method -> {"scores": {multiple: validation score}, "chosen": multiple, "edge": bool, "jobs": [...]}.
+    multiple) -> a search run finished earlier (``--tuning-from``), read instead of trained.
+    ``floors[case]``: what learning nothing scores on its validation split (:func:`choose_multiple`).
+    Returns case -> method -> {"scores": {multiple: validation score}, "chosen": multiple,
+    "edge": bool, "learned": bool (some run beat the floor), "jobs": [...]}.
     """
+    floors = floors or {}
     state: dict[str, dict[str, Any]] = {c: {m: {"multiples": list(grids[m]), "added": 0} for m in methods if m not in UNTRAINED_METHODS} for c in cases}
     jobs: dict[tuple[str, str, float], Job] = dict(done or {})
     while True:
@@ -541,9 +562,9 @@ def tune_learning_rates(cases: list[str], methods: list[str], *, make_job, grids
         for case, per_method in state.items():
             for method, entry in per_method.items():
                 scores = {x: validation_score(jobs[(case, method, x)], metrics[case]) for x in entry["multiples"]}
-                chosen = choose_multiple(scores)
+                chosen = choose_multiple(scores, floors.get(case))
                 entry.update(scores=scores, chosen=chosen)
-                beyond = widened(scores, chosen)
+                beyond = widened(scores, chosen, floors.get(case))
                 if beyond is not None and entry["added"] < widen:
                     entry["multiples"].append(beyond)
                     entry["added"] += 1
@@ -557,19 +578,23 @@ def tune_learning_rates(cases: list[str], methods: list[str], *, make_job, grids
             result[case][method] = {
                 "scores": {f"{x:g}": entry["scores"][x] for x in sorted(entry["scores"])},
                 "chosen": entry["chosen"],
-                "edge": widened(entry["scores"], entry["chosen"]) is not None,
+                "edge": widened(entry["scores"], entry["chosen"], floors.get(case)) is not None,
+                "learned": any(learned(v, floors.get(case)) for v in entry["scores"].values()),
                 "jobs": [jobs[(case, method, x)] for x in sorted(entry["multiples"])],
             }
     return result
 
 
-def reused_tuning(path: Path, cases: list[str], methods: list[str], *, widen: int) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str, float], Job]]:
+def reused_tuning(path: Path, cases: list[str], methods: list[str], *, widen: int, floors: dict[str, float | None] | None = None) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str, float], Job]]:
     """The learning-rate searches of an earlier quality JSON (``--tuning-from``) for ``cases`` ×
     ``methods``. Returns (chosen, done): ``chosen``: case -> method -> the saved entry (``scores``,
     ``chosen``, ``lr``, ...) plus ``"from": str(path)``, for the searches that are finished;
     ``done``: (case, method, multiple) -> the saved search run, for the searches to continue:
-    those that chose nothing, or whose best rate sat at the grid's edge while ``widen`` > 0 (the
-    search goes on from the saved scores, training only the new grid points)."""
+    those that chose nothing, whose best rate sat at the grid's edge while ``widen`` > 0, or whose
+    saved choice differs from :func:`choose_multiple`'s under ``floors`` (a file written before
+    the floor existed, where a collapsed run won; the search goes on from the saved scores,
+    training only the new grid points)."""
+    floors = floors or {}
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -584,7 +609,9 @@ def reused_tuning(path: Path, cases: list[str], methods: list[str], *, widen: in
             entry = tuning.get(case, {}).get(method)
             if entry is None:
                 continue
-            if entry.get("lr") is not None and not (entry.get("edge") and widen > 0):
+            rechosen = choose_multiple({float(x): v for x, v in entry.get("scores", {}).items()}, floors.get(case))
+            stale = entry.get("chosen") is not None and rechosen != float(entry["chosen"])
+            if entry.get("lr") is not None and not stale and not (entry.get("edge") and widen > 0):
                 chosen.setdefault(case, {})[method] = {**entry, "from": str(path)}
                 continue
             for run in saved.get("runs", []):
@@ -601,11 +628,12 @@ def reused_floor(path: Path) -> dict[str, float]:
     return {case: float(value) for case, value in (saved.get("untuned_validation") or {}).items() if value is not None}
 
 
-def trivial_baseline(data_root: Path, case: str) -> float | None:
-    """The score of a model that learned nothing, on the case's test split: the majority class's
+def trivial_baseline(data_root: Path, case: str, split: str = "test", folder: Path | None = None) -> float | None:
+    """The score of a model that learned nothing, on the case's ``split``: the majority class's
     share (classification) or the mean of 1 / number of choices (multiple choice); None otherwise
-    or when the data is not there."""
-    path = data_root / case.split("/", 1)[1] / "test.jsonl"
+    or when the data is not there. ``folder``: the split's folder when it is not the case's own
+    (a search's held-out validation split)."""
+    path = (folder or data_root / case.split("/", 1)[1]) / f"{split}.jsonl"
     if not path.is_file():
         return None
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -621,12 +649,15 @@ def _fmt(stat: dict[str, float] | None, scale: float = 1.0, digits: int = 1) -> 
     return "—" if not stat else f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
-def markdown(summary: dict[str, Any], env: dict[str, Any], baselines: dict[str, float | None], recipes: dict[str, dict[str, Any]], tuning: dict[str, Any] | None = None, untuned_validation: dict[str, float | None] | None = None) -> str:
+def markdown(summary: dict[str, Any], env: dict[str, Any], baselines: dict[str, float | None], recipes: dict[str, dict[str, Any]], tuning: dict[str, Any] | None = None, untuned_validation: dict[str, float | None] | None = None,
+             validation_floors: dict[str, float | None] | None = None) -> str:
     """One table per case; ``recipes``: case -> the recipe the runs used (as saved in the JSON);
     ``tuning``: case -> method -> the learning-rate search on the validation split;
-    ``untuned_validation``: case -> the untrained model's score on that split (the search's floor)."""
+    ``untuned_validation``: case -> the untrained model's score on that split (the search's floor);
+    ``validation_floors``: case -> a constant prediction's score on that split (classification)."""
     tuning = tuning or {}
     untuned_validation = untuned_validation or {}
+    validation_floors = validation_floors or {}
     lines = [f"Quality of layer selections ({env.get('gpu', 'cpu')}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}). Test metric in %, mean ± std over seeds.", ""]
     for case in dict.fromkeys([*summary, *tuning]):
         methods = summary.get(case, {})
@@ -659,10 +690,12 @@ def markdown(summary: dict[str, Any], env: dict[str, Any], baselines: dict[str, 
                     value = entry["scores"].get(f"{x:g}")
                     text = "—" if value is None else f"{100 * value:.1f}"
                     if entry["chosen"] is not None and x == float(entry["chosen"]) and value is not None:
-                        text = f"**{text}**" + (" †" if entry.get("edge") else "")
+                        text = f"**{text}**" + (" ‡" if entry.get("learned") is False else " †" if entry.get("edge") else "")
                     cells.append(text)
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
             lines.append("")
+            if validation_floors.get(case) is not None:
+                lines += [f"A constant prediction (the majority class, or 1 / choices) on the same validation split: {100 * validation_floors[case]:.1f}%; a rate at or below it learned nothing and is never chosen over one above it (‡: no rate beat it; the recipe's rate is used).", ""]
             if case in untuned_validation:
                 floor = untuned_validation[case]
                 lines += [f"Untuned model on the same validation split: {'— (its evaluation failed)' if floor is None else f'{100 * floor:.1f}%'}", ""]
@@ -833,7 +866,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(Path(args.from_json).read_text())
         baselines = {case: trivial_baseline(Path(args.data_root), case) for case in saved["summary"]}
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out.with_suffix(".md"), markdown(saved["summary"], saved["environment"], baselines, saved["recipes"], saved.get("tuning"), saved.get("untuned_validation")))
+        atomic_write_text(out.with_suffix(".md"), markdown(saved["summary"], saved["environment"], baselines, saved["recipes"], saved.get("tuning"), saved.get("untuned_validation"), saved.get("validation_floors")))
         plot(saved["summary"], out.with_suffix(".png"), baselines, saved["recipes"])
         plot_tradeoff(saved["summary"], out.with_name(out.name + "-tradeoff.png"), saved["recipes"])
         return 0
@@ -905,7 +938,9 @@ def main(argv: list[str] | None = None) -> int:
     chosen_lr: dict[tuple[str, str], float | None] = {}
     tune_jobs: list[Job] = []
     trained = [m for m in methods if m not in UNTRAINED_METHODS]
-    reused, done = reused_tuning(Path(args.tuning_from), cases, trained, widen=args.widen) if args.tuning_from else ({}, {})
+    # what learning nothing scores on each search's validation split (classification, multiple choice)
+    validation_floors = {case: trivial_baseline(data_root, case, "validation", Path(tuning_data[case]["path"]) if case in tuning_data else None) for case in cases}
+    reused, done = reused_tuning(Path(args.tuning_from), cases, trained, widen=args.widen, floors=validation_floors) if args.tuning_from else ({}, {})
     for case, per_method in reused.items():
         for method, entry in per_method.items():
             tuning.setdefault(case, {})[method] = entry
@@ -916,7 +951,7 @@ def main(argv: list[str] | None = None) -> int:
             cases, to_search,
             make_job=lambda c, m, x: make_job(c, m, args.tune_seed, lr=base_lr(c, m) * x, phase="tune", multiple=x),
             grids={m: sorted({x for (_, method, x) in done if method == m}) or grids["full" if m in FULL_METHODS else "lora"] for m in to_search},
-            metrics={c: recipe_of[c].metric for c in cases}, widen=args.widen, run=run, done=done,
+            metrics={c: recipe_of[c].metric for c in cases}, widen=args.widen, run=run, done=done, floors=validation_floors,
         )
         for case, per_method in searched.items():
             tuning.setdefault(case, {})  # keeps the entries reused from --tuning-from next to the searched ones
@@ -937,7 +972,7 @@ def main(argv: list[str] | None = None) -> int:
                       if recipe_of[case].task == "instruction" and case not in saved_floor and (args.search_only or any(m not in reused.get(case, {}) for m in trained))}
         run(list(floor_jobs.values()))
         tune_jobs += floor_jobs.values()
-        untuned_validation = {**{c: v for c, v in saved_floor.items() if c in cases}, **{c: validation_score(j, recipe_of[c].metric) for c, j in floor_jobs.items()}}
+        untuned_validation = {**{c: v for c, v in saved_floor.items() if c in cases}, **{c: validation_score(j, recipe_of[c].metric) for c, j in floor_jobs.items() if j.error != NOT_RUN}}
 
     jobs: list[Job] = []
     for case in cases if not args.search_only else []:  # the untrained model once per case, then seed-major: every method's first seed finishes first
@@ -969,6 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
         "search_only": args.search_only,
         "tuning_data": tuning_data,
         "untuned_validation": untuned_validation,
+        "validation_floors": validation_floors,
         "runs": [run_record(j) for j in every],
         "summary": summary,
     }
@@ -976,10 +1012,10 @@ def main(argv: list[str] | None = None) -> int:
     result["trivial_baselines"] = baselines
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), result)
-    atomic_write_text(out.with_suffix(".md"), markdown(summary, env, baselines, result["recipes"], tuning, untuned_validation))
+    atomic_write_text(out.with_suffix(".md"), markdown(summary, env, baselines, result["recipes"], tuning, untuned_validation, validation_floors))
     plot(summary, out.with_suffix(".png"), baselines, result["recipes"])
     plot_tradeoff(summary, out.with_name(out.name + "-tradeoff.png"), result["recipes"])
-    print(markdown(summary, env, baselines, result["recipes"], tuning, untuned_validation))
+    print(markdown(summary, env, baselines, result["recipes"], tuning, untuned_validation, validation_floors))
     failed = [j for j in every if j.error]
     for j in failed:
         print(f"FAILED {j.case} {j.method} seed {j.seed} ({j.phase}): {j.error} (log: {j.log})", file=sys.stderr)

@@ -301,6 +301,60 @@ def test_learning_rate_choice_reads_validation_only_and_widens_at_edges():
     assert searched["m/t"]["x"]["chosen"] == 1.0 and searched["m/t"]["x"]["scores"]["2"] is None
 
 
+def test_learning_rate_choice_never_prefers_a_collapsed_run():
+    """A classifier that collapsed onto the majority class scores the validation split's majority
+    share exactly; such a run (or one below it) is never chosen over a run that learned, and when
+    no rate learned the recipe's rate is used and the grid widens downwards."""
+    bench = load_script("quality")
+    floor = 0.536  # the majority share of the split
+    # the collapsed 8x run would win on the raw scores
+    assert bench.choose_multiple({1.0: 0.49, 2.0: 0.486, 4.0: 0.472, 8.0: 0.536}) == 8.0
+    assert bench.choose_multiple({1.0: 0.49, 2.0: 0.486, 4.0: 0.472, 8.0: 0.536}, floor) == 1.0  # nothing learned: 1x
+    assert bench.widened({1.0: 0.49, 2.0: 0.486, 4.0: 0.472, 8.0: 0.536}, 1.0, floor) == 0.5
+    assert bench.choose_multiple({1.0: 0.55, 2.0: 0.70, 4.0: 0.536, 8.0: 0.536}, floor) == 2.0
+    assert bench.choose_multiple({1.0: 0.54, 2.0: 0.536}, floor) == 1.0  # just above the floor counts
+    assert bench.choose_multiple({2.0: 0.3, 4.0: 0.2}, floor) == 2.0  # no 1x in the grid: the smallest
+    assert not bench.learned(floor, floor) and bench.learned(0.537, floor) and bench.learned(0.1, None)
+    assert bench.widened({1.0: 0.7, 2.0: None, 4.0: None}, 1.0) is None  # one finished point: no edge
+
+    validation = {0.25: 0.58, 0.5: 0.62, 1.0: 0.49, 2.0: 0.48, 4.0: 0.47, 8.0: 0.536}
+    made = []
+
+    def make_job(case, method, multiple):
+        made.append(multiple)
+        return _fake_job(bench, validation[multiple], 0.0)
+
+    searched = bench.tune_learning_rates(["m/t"], ["x"], make_job=make_job, grids={"x": [1.0, 2.0, 4.0, 8.0]}, metrics={"m/t": "accuracy"}, widen=2, run=lambda jobs: None, floors={"m/t": floor})
+    entry = searched["m/t"]["x"]
+    assert made == [1.0, 2.0, 4.0, 8.0, 0.5, 0.25]  # 0.5 learned and sat at the bottom: one more below
+    assert entry["chosen"] == 0.5 and entry["learned"] is True and entry["edge"] is False
+    searched = bench.tune_learning_rates(["m/t"], ["x"], make_job=lambda c, m, x: _fake_job(bench, validation[x], 0.0), grids={"x": [1.0, 2.0, 4.0, 8.0]}, metrics={"m/t": "accuracy"}, widen=0, run=lambda jobs: None, floors={"m/t": floor})
+    assert searched["m/t"]["x"]["chosen"] == 1.0 and searched["m/t"]["x"]["learned"] is False
+
+
+def test_tuning_from_a_file_whose_choice_was_a_collapsed_run_searches_again(tmp_path):
+    """A search saved before the floor existed, whose chosen rate scored the floor, is continued
+    (its runs read back, not retrained) instead of reused; a sound saved choice is reused."""
+    bench = load_script("quality")
+
+    def record(method, multiple, value):
+        return {"case": "m/t", "method": method, "seed": 0, "phase": "tune", "lr": 1e-3 * multiple, "lr_multiple": multiple, "run_dir": str(tmp_path / f"{method}{multiple}"), "argv": ["train"], "final": {"validation": {"accuracy": value}}}
+
+    collapsed = {1.0: 0.49, 2.0: 0.48, 4.0: 0.536}
+    sound = {1.0: 0.60, 2.0: 0.70, 4.0: 0.536}
+    saved = {
+        "protocol": "tuned",
+        "tuning": {"m/t": {"a": {"scores": {f"{x:g}": v for x, v in collapsed.items()}, "chosen": 4.0, "edge": False, "lr": 4e-3},
+                           "b": {"scores": {f"{x:g}": v for x, v in sound.items()}, "chosen": 2.0, "edge": False, "lr": 2e-3}}},
+        "runs": [record("a", x, v) for x, v in collapsed.items()] + [record("b", x, v) for x, v in sound.items()],
+    }
+    (tmp_path / "s.json").write_text(json.dumps(saved))
+    chosen, done = bench.reused_tuning(tmp_path / "s.json", ["m/t"], ["a", "b"], widen=0, floors={"m/t": 0.536})
+    assert set(chosen["m/t"]) == {"b"} and sorted(done) == [("m/t", "a", 1.0), ("m/t", "a", 2.0), ("m/t", "a", 4.0)]
+    chosen, done = bench.reused_tuning(tmp_path / "s.json", ["m/t"], ["a", "b"], widen=0)  # no floor: both reused as saved
+    assert set(chosen["m/t"]) == {"a", "b"} and not done
+
+
 def test_quality_untuned_is_an_evaluation_of_the_pretrained_model(tmp_path):
     bench = load_script("quality")
     argv = bench.build_argv("qwen05/math_gsm_symbolic", "untuned", 0, model="m", data_root=tmp_path, run_dir=tmp_path / "untuned", recipe=bench.CASES["qwen05/math_gsm_symbolic"], bf16=True, max_steps=None)
