@@ -47,11 +47,12 @@ NOT_CANDIDATES = ("all-layer", "untuned", *BASELINES)
 SEEDS_NEEDED = 3
 MAX_GAP_TO_ALL = 0.5  # points
 MAX_PARAM_FRACTION = 0.5
+METRIC_MAX = 100.0  # every case's test metric is a share in %
 MAX_STEP_RATIO = 0.75  # on the 7B cost case
 MAX_PEAK_RATIO = 0.8
 MIN_GAIN_OVER_BASELINES = 1.0  # points
 #: quality.py's method -> train_cost.py's row of the 7B case (methods without a row have none)
-COST_ROWS = {"all-layer": "all", "cka-50": "cka50", "equal-budget": "equal-budget", "units-50": "units50", "dynamic-50": "dynamic50"}
+COST_ROWS = {"all-layer": "all", "cka-50": "cka50", "equal-budget": "equal-budget", "units-50": "units50", "dynamic-50": "dynamic50", "importance-ranks": "importance-ranks", "eva-budget": "eva-budget"}
 
 
 class InputError(Exception):
@@ -161,10 +162,29 @@ def read_cost(path: Path | None) -> dict[str, dict[str, float]]:
     return {method: {"step": rows[row]["step_time_ratio_to_all"], "peak": rows[row]["peak_memory_ratio_to_all"]} for method, row in COST_ROWS.items() if row in rows}
 
 
+def best_case(method: str, cells: dict[tuple[str, str], Cell], cases: list[str]) -> tuple[float, dict[str, float]] | None:
+    """The best averages ``method`` can still reach over ``cases``: every seed it still lacks (of
+    ``SEEDS_NEEDED``) scored at ``METRIC_MAX``, i.e. per case q̄_best = (Σ known + (3 − k)·100) / 3.
+    Returns (gap to all-layer, {baseline: gain}), or None while a reference or baseline lacks
+    seeds somewhere (nothing fixed to bound against)."""
+    for case in cases:
+        for name in (REFERENCE, *BASELINES):
+            if (case, name) not in cells or len(cells[(case, name)].scores) < SEEDS_NEEDED:
+                return None
+    best = {}
+    for case in cases:
+        known = list(cells[(case, method)].scores.values()) if (case, method) in cells else []
+        best[case] = statistics.fmean(known) if len(known) >= SEEDS_NEEDED else (sum(known) + (SEEDS_NEEDED - len(known)) * METRIC_MAX) / SEEDS_NEEDED
+    gap = statistics.fmean(best[c] - cells[(c, REFERENCE)].mean for c in cases)
+    return gap, {b: statistics.fmean(best[c] - cells[(c, b)].mean for c in cases) for b in BASELINES}
+
+
 def judge(method: str, cells: dict[tuple[str, str], Cell], cases: list[str], cost: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Method's averages over ``cases`` and its verdict: "meets", "misses" (with the criteria it
-    misses) or "incomplete" (with what is missing; the averages are then over the cases that have
-    every needed cell, and provisional)."""
+    misses), "out of reach" (runs are missing, but even at 100% on every one of them it would miss
+    a quality criterion: :func:`best_case`; or its measured parameters and 7B cost already miss the
+    cost criterion) or "incomplete" (with what is missing; the averages are then over the cases
+    that have every needed cell, and provisional)."""
     missing = []
     for case in cases:
         for name in (method, REFERENCE, *BASELINES):
@@ -174,7 +194,7 @@ def judge(method: str, cells: dict[tuple[str, str], Cell], cases: list[str], cos
     usable = [c for c in cases if all((c, n) in cells for n in (method, REFERENCE, *BASELINES))]
     entry: dict[str, Any] = {"method": method, "cases": usable, "missing": missing}
     if not usable:
-        return {**entry, "verdict": "incomplete", "gap_to_all_layer": None, "gain_over": {b: None for b in BASELINES}, "param_fraction_max": None, "cost_7b": cost.get(method), "misses": []}
+        return {**entry, "verdict": "incomplete", "gap_to_all_layer": None, "gain_over": {b: None for b in BASELINES}, "param_fraction_max": None, "cost_7b": cost.get(method), "misses": [], "unreachable": []}
     gap = statistics.fmean(cells[(c, method)].mean - cells[(c, REFERENCE)].mean for c in usable)
     gains = {b: statistics.fmean(cells[(c, method)].mean - cells[(c, b)].mean for c in usable) for b in BASELINES}
     fractions = []
@@ -196,7 +216,20 @@ def judge(method: str, cells: dict[tuple[str, str], Cell], cases: list[str], cos
         steps = "no 7B cost row" if ratios is None else f"7B step {ratios['step']:.2f}x, peak {ratios['peak']:.2f}x"
         misses.append(f"cost: adapter parameters {params} (needs ≤ {MAX_PARAM_FRACTION}x) and {steps} (needs ≤ {MAX_STEP_RATIO}x and ≤ {MAX_PEAK_RATIO}x)")
     verdict = "incomplete" if missing else ("misses" if misses else "meets")
-    return {**entry, "verdict": verdict, "gap_to_all_layer": gap, "gain_over": gains, "param_fraction_max": fraction, "cost_7b": ratios, "misses": misses}
+    unreachable: list[str] = []
+    if missing:
+        bound = best_case(method, cells, cases)
+        if bound is not None:
+            best_gap, best_gains = bound
+            if best_gap < -MAX_GAP_TO_ALL:
+                unreachable.append(f"even at 100% on every missing seed, at best {best_gap:+.1f} points against all-layer (needs ≥ {-MAX_GAP_TO_ALL:+.1f})")
+            unreachable += [f"even at 100% on every missing seed, at best {g:+.1f} over {b} (needs ≥ +{MIN_GAIN_OVER_BASELINES:.1f})" for b, g in best_gains.items() if g < MIN_GAIN_OVER_BASELINES]
+        over_params = any(f is not None and f > MAX_PARAM_FRACTION + 1e-9 for f in fractions)
+        if over_params and ratios is not None and not cheap_steps:
+            unreachable.append(f"its measured cost misses: adapter parameters {max(f for f in fractions if f is not None):.2f}x (needs ≤ {MAX_PARAM_FRACTION}x) and 7B step {ratios['step']:.2f}x, peak {ratios['peak']:.2f}x (needs ≤ {MAX_STEP_RATIO}x and ≤ {MAX_PEAK_RATIO}x)")
+        if unreachable:
+            verdict = "out of reach"
+    return {**entry, "verdict": verdict, "gap_to_all_layer": gap, "gain_over": gains, "param_fraction_max": fraction, "cost_7b": ratios, "misses": misses, "unreachable": unreachable}
 
 
 def same_waves(cell: Cell, reference: Cell) -> bool:
@@ -228,14 +261,22 @@ def markdown(cells: dict[tuple[str, str], Cell], verdicts: list[dict[str, Any]],
             lines.append(f"| {cell.method} | {lr} | {len(cell.scores)} | {cell.mean:.1f} ± {cell.std:.1f} | {fraction} | {step_text} | {shared} | {sources} |")
         lines += ["", "Step times are comparable only between runs that shared their GPU (or CPU) about as much: the ratio to all-layer is given only for runs from the same result files as all-layer's (³: other sessions, not comparable). The isolated cost is the 7B case's (`train_cost.py`).", ""]
     lines += ["### Verdicts", "",
-              f"Goal: Δ all-layer ≥ {-MAX_GAP_TO_ALL:+.1f}, Δ random-50 and Δ equal-budget ≥ +{MIN_GAIN_OVER_BASELINES:.1f} (points, mean over the cases), adapter parameters ≤ {MAX_PARAM_FRACTION}x in every case or 7B step ≤ {MAX_STEP_RATIO}x and peak ≤ {MAX_PEAK_RATIO}x; {SEEDS_NEEDED} seeds on each of {len(cases)} cases. Provisional (incomplete) rows average over the cases listed.", "",
+              f"Goal: Δ all-layer ≥ {-MAX_GAP_TO_ALL:+.1f}, Δ random-50 and Δ equal-budget ≥ +{MIN_GAIN_OVER_BASELINES:.1f} (points, mean over the cases), adapter parameters ≤ {MAX_PARAM_FRACTION}x in every case or 7B step ≤ {MAX_STEP_RATIO}x and peak ≤ {MAX_PEAK_RATIO}x; {SEEDS_NEEDED} seeds on each of {len(cases)} cases. Provisional (incomplete) rows average over the cases listed; **out of reach**: runs are missing, but the method misses even if every missing run scored 100%.", "",
               "| method | cases | Δ all-layer | Δ random-50 | Δ equal-budget | adapter params (max x) | 7B step / peak (x) | verdict |", "|---|---|---|---|---|---|---|---|"]
     for v in verdicts:
         def pts(x):
             return "—" if x is None else f"{x:+.1f}"
         cost = "—" if not v["cost_7b"] else f"{v['cost_7b']['step']:.2f} / {v['cost_7b']['peak']:.2f}"
         fraction = "—" if v["param_fraction_max"] is None else f"{v['param_fraction_max']:.2f}"
-        why = "; ".join(v["misses"]) if v["verdict"] == "misses" else (f"{len(v['missing'])} cells short" + (f" (would miss: {'; '.join(v['misses'])})" if v["misses"] else "") if v["verdict"] == "incomplete" else "")
+        short = f"{len(v['missing'])} {'cell' if len(v['missing']) == 1 else 'cells'} short"
+        if v["verdict"] == "misses":
+            why = "; ".join(v["misses"])
+        elif v["verdict"] == "out of reach":
+            why = f"{short}, but {'; '.join(v['unreachable'])}"
+        elif v["verdict"] == "incomplete":
+            why = short + (f" (would miss: {'; '.join(v['misses'])})" if v["misses"] else "")
+        else:
+            why = ""
         lines.append(f"| {v['method']} | {len(v['cases'])} of {len(cases)} | {pts(v['gap_to_all_layer'])} | {pts(v['gain_over']['random-50'])} | {pts(v['gain_over']['equal-budget'])} | {fraction} | {cost} | **{v['verdict']}**{': ' + why if why else ''} |")
     lines += ["", f"Command: `{command}`"]
     return "\n".join(lines) + "\n"

@@ -86,6 +86,37 @@ def test_goal_is_incomplete_until_every_case_has_three_seeds(tmp_path):
     assert "No tuned final runs yet." in (tmp_path / "g.md").read_text()
 
 
+def test_goal_calls_a_method_out_of_reach_only_when_100_percent_on_its_missing_runs_would_miss(tmp_path):
+    """With the baselines complete, a method missing runs is "out of reach" when even 100% on every
+    missing seed leaves an average short (float64 bound: (Σ known + (3 − k)·100) / 3 per case);
+    one that could still make it stays "incomplete"."""
+    goal = load_script("goal")
+    runs, truth = _grid(np.random.default_rng(2), {"all-layer": 0.0, "random-50": -0.03, "equal-budget": -0.02, "bad": -0.30, "hopeful": -0.30})
+    # bad: 3 cases far behind, the 4th case not run at all; hopeful: 2 cases behind, 2 not run
+    runs = [r for r in runs if not (r["method"] == "bad" and r["case"] == CASES[3]) and not (r["method"] == "hopeful" and r["case"] in CASES[2:])]
+    runs += [_run(CASES[3], "bad", 0, 0.2, adapter=500)]  # one seed of three on the 4th case
+    assert goal.main(["--results", str(_write(tmp_path / "q.json", runs)), "--out", str(tmp_path / "g")]) == 0
+    verdicts = _verdicts(tmp_path / "g")
+    bad, hopeful = verdicts["bad"], verdicts["hopeful"]
+    assert bad["verdict"] == "out of reach" and hopeful["verdict"] == "incomplete"
+    best_last = (20.0 + 2 * 100.0) / 3  # the known 20% seed and two seeds at 100%
+    expected_gap = np.mean([truth[(c, "bad")] - truth[(c, "all-layer")] for c in CASES[:3]] + [best_last - truth[(CASES[3], "all-layer")]])
+    assert f"even at 100% on every missing seed, at best {expected_gap:+.1f} points against all-layer" in " ".join(bad["unreachable"])
+    gap, gains = goal.best_case("bad", goal.pool_results([tmp_path / "q.json"]), list(CASES))
+    assert gap == pytest.approx(expected_gap, abs=1e-9)
+    assert gains["equal-budget"] == pytest.approx(np.mean([truth[(c, "bad")] - truth[(c, "equal-budget")] for c in CASES[:3]] + [best_last - truth[(CASES[3], "equal-budget")]]), abs=1e-9)
+    assert "**out of reach**: 1 cell short, but even at 100% on every missing seed, at best" in (tmp_path / "g.md").read_text()
+    # as many parameters as all-layer and a 7B cost row that misses: out of reach on cost alone
+    costly = runs + [_run(CASES[0], "dynamic-50", seed, 0.9, adapter=1000) for seed in (0, 1, 2)]
+    cost = _cost(tmp_path / "cost.json", {"all": (1.0, 1.0), "dynamic50": (0.93, 0.87)})
+    assert goal.main(["--results", str(_write(tmp_path / "q3.json", costly)), "--cost", str(cost), "--out", str(tmp_path / "g3")]) == 0
+    dynamic = _verdicts(tmp_path / "g3")["dynamic-50"]
+    assert dynamic["verdict"] == "out of reach" and dynamic["unreachable"] == [m for m in dynamic["unreachable"] if m.startswith("its measured cost misses")]
+    # no bound while a baseline lacks seeds
+    runs = [r for r in runs if not (r["method"] == "random-50" and r["case"] == CASES[0] and r["seed"] == 2)]
+    assert goal.best_case("bad", goal.pool_results([_write(tmp_path / "q2.json", runs)]), list(CASES)) is None
+
+
 def test_goal_pools_files_and_refuses_what_cannot_be_pooled(tmp_path, capsys):
     goal = load_script("goal")
     runs, _ = _grid(np.random.default_rng(2), {"all-layer": 0.0, "random-50": -0.03, "equal-budget": -0.02, "good": 0.0})
