@@ -35,8 +35,13 @@ favours the method it was tuned for. So each method's rate is chosen on the **va
 first: seed ``--tune-seed`` is trained at every multiple of the recipe's rate in ``--lr-grid``
 (``--full-lr-grid`` for full fine-tuning) and scored on ``validation`` only; the best multiple
 (ties: the smaller) is the method's rate, and when it sits at an edge of the grid the grid is
-widened by a factor of 2 on that side (up to ``--widen`` times). Then every seed is trained at the
-chosen rate and scored on ``test``. The test split is never read before the rates are chosen.
+widened by a factor of 2 on that side (up to ``--widen`` times). A run scoring at or below a
+constant prediction on that split (its majority class's share, or 1 / choices: OUT.json
+``validation_floors``) learned nothing and is never chosen over one that did — a classifier that
+collapsed onto the majority class scores exactly that and would otherwise win where the others
+learned little; when no rate beats it the grid widens downwards and, failing that, the recipe's
+rate is used (‡ in the table). Then every seed is trained at the chosen rate and scored on
+``test``. The test split is never read before the rates are chosen.
 Where records come in groups of near-duplicates that the test split keeps apart from train
 (``Recipe.group_column``: math_gsm_symbolic's templates), the data's own validation split shares
 train's groups and would reward recalling seen problems; the search then trains on the other
@@ -670,7 +675,8 @@ def markdown(summary: dict[str, Any], env: dict[str, Any], baselines: dict[str, 
             lines += [f"Trivial baseline (majority class or 1 / choices) on the test split: {100 * baselines[case]:.1f}%", ""]
         metric = recipe.metric if recipe else "accuracy"
         if methods:
-            lines += [f"| method | lr | seeds | test {metric} (%) | trainable params | train time (s) | step (s) | other runs on the GPU | peak GPU memory (GiB) | blocks (seed 0) |", "|---|---|---|---|---|---|---|---|---|---|"]
+            device = "GPU" if env.get("gpu") else "CPU"  # CPU runs have no peak-memory reading (—)
+            lines += [f"| method | lr | seeds | test {metric} (%) | trainable params | train time (s) | step (s) | other runs on the {device} | peak GPU memory (GiB) | blocks (seed 0) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for method, stats in methods.items():
             test = stats["final"].get("test", {}).get(metric)
             blocks = next(iter(stats.get("selected", {}).values()), None)

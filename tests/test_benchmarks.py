@@ -675,3 +675,13 @@ def test_gpu_sharing_is_the_mean_number_of_other_runs_on_the_same_gpu():
     assert bench.gpu_sharing(c, jobs) == 0.0
     assert bench.gpu_sharing(d, jobs) == pytest.approx(1.0)
     assert bench.gpu_sharing(untimed, jobs) is None
+
+
+def test_quality_report_names_the_device_the_runs_shared():
+    """The sharing column says GPU for GPU runs and CPU for CPU runs (env without a GPU)."""
+    bench = load_script("quality")
+    stats = {"num_seeds": 1, "lr": 1e-3, "final": {"test": {"accuracy": {"mean": 0.5, "std": 0.0}}}, "trainable_params": {"mean": 10, "std": 0}, "train_runtime_s": {"mean": 1.0, "std": 0.0}}
+    summary = {"m/t": {"all-layer": stats}}
+    env = {"torch": "t", "transformers": "x", "peft": "p", "command": "c"}
+    assert "other runs on the CPU" in bench.markdown(summary, env, {}, {})
+    assert "other runs on the GPU" in bench.markdown(summary, {**env, "gpu": "1 × H200"}, {}, {})
