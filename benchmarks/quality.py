@@ -179,6 +179,9 @@ METHODS: dict[str, tuple[str, ...]] = {
     "prune-50": ("--layers", "all", "--prune-at", "0.05", "--ratio", "0.5"),
     # prune-50's absolute score kept the deepest blocks on Qwen (inputs grow with depth): the update against the layer's output
     "prune-rel-50": ("--layers", "all", "--prune-at", "0.05", "--ratio", "0.5", "--prune-score", "relative"),
+    # the NLI cases: only methods that train every block learned on MiniLM; a longer all-block warm-up
+    # (a fifth of the steps) before the same pruning, final adapter still half of all-layer's
+    "prune-rel-50-late": ("--layers", "all", "--prune-at", "0.2", "--ratio", "0.5", "--prune-score", "relative"),
     "dynamic-50": ("--layers", "all", "--dynamic-blocks", "0.5", "--dynamic-every", "20"),
     "untuned": (),  # no training: `lwlora eval MODEL` on the test split (instruction cases)
 }
@@ -595,7 +598,8 @@ def reused_tuning(path: Path, cases: list[str], methods: list[str], *, widen: in
     ``methods``. Returns (chosen, done): ``chosen``: case -> method -> the saved entry (``scores``,
     ``chosen``, ``lr``, ...) plus ``"from": str(path)``, for the searches that are finished;
     ``done``: (case, method, multiple) -> the saved search run, for the searches to continue:
-    those that chose nothing, whose best rate sat at the grid's edge while ``widen`` > 0, or whose
+    those that chose nothing, that left a grid point without a score (not run or failed: it is
+    tried again), whose best rate sat at the grid's edge while ``widen`` > 0, or whose
     saved choice differs from :func:`choose_multiple`'s under ``floors`` (a file written before
     the floor existed, where a collapsed run won; the search goes on from the saved scores,
     training only the new grid points)."""
@@ -616,7 +620,8 @@ def reused_tuning(path: Path, cases: list[str], methods: list[str], *, widen: in
                 continue
             rechosen = choose_multiple({float(x): v for x, v in entry.get("scores", {}).items()}, floors.get(case))
             stale = entry.get("chosen") is not None and rechosen != float(entry["chosen"])
-            if entry.get("lr") is not None and not stale and not (entry.get("edge") and widen > 0):
+            unfinished = any(v is None for v in entry.get("scores", {}).values())  # a grid point not run (--time-limit) or failed
+            if entry.get("lr") is not None and not stale and not unfinished and not (entry.get("edge") and widen > 0):
                 chosen.setdefault(case, {})[method] = {**entry, "from": str(path)}
                 continue
             for run in saved.get("runs", []):
@@ -956,7 +961,7 @@ def main(argv: list[str] | None = None) -> int:
         searched = tune_learning_rates(
             cases, to_search,
             make_job=lambda c, m, x: make_job(c, m, args.tune_seed, lr=base_lr(c, m) * x, phase="tune", multiple=x),
-            grids={m: sorted({x for (_, method, x) in done if method == m}) or grids["full" if m in FULL_METHODS else "lora"] for m in to_search},
+            grids={m: sorted({x for (_, method, x) in done if method == m} | set(grids["full" if m in FULL_METHODS else "lora"])) for m in to_search},
             metrics={c: recipe_of[c].metric for c in cases}, widen=args.widen, run=run, done=done, floors=validation_floors,
         )
         for case, per_method in searched.items():

@@ -353,6 +353,13 @@ def test_tuning_from_a_file_whose_choice_was_a_collapsed_run_searches_again(tmp_
     assert set(chosen["m/t"]) == {"b"} and sorted(done) == [("m/t", "a", 1.0), ("m/t", "a", 2.0), ("m/t", "a", 4.0)]
     chosen, done = bench.reused_tuning(tmp_path / "s.json", ["m/t"], ["a", "b"], widen=0)  # no floor: both reused as saved
     assert set(chosen["m/t"]) == {"a", "b"} and not done
+    # a search cut short (one finished point of four) goes on, whatever its saved choice
+    saved["tuning"]["m/t"]["b"]["scores"] = {"1": 0.6, "2": None, "4": None, "8": None}
+    saved["tuning"]["m/t"]["b"].update(chosen=1.0, lr=1e-3)
+    saved["runs"] = [record("b", 1.0, 0.6)]
+    (tmp_path / "s.json").write_text(json.dumps(saved))
+    chosen, done = bench.reused_tuning(tmp_path / "s.json", ["m/t"], ["b"], widen=0)
+    assert "b" not in chosen.get("m/t", {}) and sorted(done) == [("m/t", "b", 1.0)]
 
 
 def test_quality_untuned_is_an_evaluation_of_the_pretrained_model(tmp_path):
