@@ -212,12 +212,15 @@ def time_steps(model, case: Case, device: str, vocab: int, switch=None) -> dict:
     return result
 
 
-def bench(case: Case, device: str) -> list[dict]:
+def bench(case: Case, device: str, only: list[str] | None = None) -> list[dict]:
+    """Every row of :func:`selections` (``only``: those rows and ``all``, the reference)."""
     model = build_model(case, device)
     vocab = model.config.vocab_size
     stack = resolve_block_stack(model)
     rows = []
     for name, selected in selections(stack.num_layers).items():
+        if only is not None and name != "all" and name not in only:
+            continue
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -313,13 +316,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=list(CASES), required=True)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--selections", help="comma-separated rows to measure (all-layer's row, the reference, always runs); default: every row")
     parser.add_argument("--out", required=True, help="output path without extension: OUT.json and OUT.md")
     args = parser.parse_args(argv)
+    only = None
+    if args.selections is not None:
+        only = [name.strip() for name in args.selections.split(",") if name.strip()]
+        known = list(selections(2))
+        unknown = [name for name in only if name not in known]
+        if unknown or not only:
+            parser.error(f"--selections: unknown {unknown or 'empty list'}; choose from {', '.join(known)}")
     env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__, "device": args.device, "command": " ".join(sys.argv)}
     if args.device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
     case = CASES[args.case]
-    rows = bench(case, args.device)
+    rows = bench(case, args.device, only)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"environment": env, "case": asdict(case), "results": rows}, indent=2) + "\n")

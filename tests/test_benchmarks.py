@@ -107,6 +107,19 @@ def test_train_cost_keeps_the_measured_rows_when_eva_fails(tmp_path, monkeypatch
     assert "| eva-budget | failed: RuntimeError" in (tmp_path / "cost.md").read_text()
 
 
+def test_train_cost_measures_only_the_rows_asked_for(tmp_path, capsys):
+    """--selections measures those rows and all-layer's (the ratios' reference); an unknown row
+    name is refused with exit 2, naming the flag and the valid rows."""
+    bench = load_script("train_cost")
+    assert bench.main(["--case", "tiny", "--selections", "importance-ranks", "--out", str(tmp_path / "cost")]) == 0
+    rows = json.loads((tmp_path / "cost.json").read_text())["results"]
+    assert [row["selection"] for row in rows] == ["all", "importance-ranks"] and rows[1]["step_time_ratio_to_all"] > 0
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--case", "tiny", "--selections", "eva,all", "--out", str(tmp_path / "bad")])
+    assert exit_info.value.code == 2 and "--selections: unknown ['eva']" in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()
+
+
 def test_train_cost_encoder_smoke(tmp_path):
     bench = load_script("train_cost")
     assert bench.main(["--case", "tiny-encoder", "--out", str(tmp_path / "cost")]) == 0
