@@ -179,6 +179,25 @@ def best_case(method: str, cells: dict[tuple[str, str], Cell], cases: list[str])
     return gap, {b: statistics.fmean(best[c] - cells[(c, b)].mean for c in cases) for b in BASELINES}
 
 
+def needed_mean(method: str, cells: dict[tuple[str, str], Cell], cases: list[str]) -> float | None:
+    """The score (in %) that every seed ``method`` still lacks would have to reach, on average, for
+    its averages to meet the three quality criteria; None while a reference or baseline lacks
+    seeds, or when no seed is missing. With k_c of the 3 seeds missing on case c and all of them
+    at s, q̄_c(s) = (Σ known_c + k_c·s) / 3, so criterion "mean_c (q̄_c − x̄_c) ≥ t" holds iff
+    s ≥ (n·t + Σ_c x̄_c − Σ_c Σ known_c / 3) · 3 / Σ_c k_c; the largest such bound over the criteria."""
+    if best_case(method, cells, cases) is None:
+        return None
+    known = {c: list(cells[(c, method)].scores.values()) if (c, method) in cells else [] for c in cases}
+    lacking = sum(max(0, SEEDS_NEEDED - len(v)) for v in known.values())
+    if not lacking:
+        return None
+    fixed = sum(statistics.fmean(v) if len(v) >= SEEDS_NEEDED else sum(v) / SEEDS_NEEDED for v in known.values())
+    n = len(cases)
+    bounds = [(n * -MAX_GAP_TO_ALL + sum(cells[(c, REFERENCE)].mean for c in cases) - fixed) * SEEDS_NEEDED / lacking]
+    bounds += [(n * MIN_GAIN_OVER_BASELINES + sum(cells[(c, b)].mean for c in cases) - fixed) * SEEDS_NEEDED / lacking for b in BASELINES]
+    return max(bounds)
+
+
 def judge(method: str, cells: dict[tuple[str, str], Cell], cases: list[str], cost: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Method's averages over ``cases`` and its verdict: "meets", "misses" (with the criteria it
     misses), "out of reach" (runs are missing, but even at 100% on every one of them it would miss
@@ -194,7 +213,7 @@ def judge(method: str, cells: dict[tuple[str, str], Cell], cases: list[str], cos
     usable = [c for c in cases if all((c, n) in cells for n in (method, REFERENCE, *BASELINES))]
     entry: dict[str, Any] = {"method": method, "cases": usable, "missing": missing}
     if not usable:
-        return {**entry, "verdict": "incomplete", "gap_to_all_layer": None, "gain_over": {b: None for b in BASELINES}, "param_fraction_max": None, "cost_7b": cost.get(method), "misses": [], "unreachable": []}
+        return {**entry, "verdict": "incomplete", "gap_to_all_layer": None, "gain_over": {b: None for b in BASELINES}, "param_fraction_max": None, "cost_7b": cost.get(method), "misses": [], "unreachable": [], "needed_missing_mean": needed_mean(method, cells, cases)}
     gap = statistics.fmean(cells[(c, method)].mean - cells[(c, REFERENCE)].mean for c in usable)
     gains = {b: statistics.fmean(cells[(c, method)].mean - cells[(c, b)].mean for c in usable) for b in BASELINES}
     fractions = []
@@ -222,14 +241,15 @@ def judge(method: str, cells: dict[tuple[str, str], Cell], cases: list[str], cos
         if bound is not None:
             best_gap, best_gains = bound
             if best_gap < -MAX_GAP_TO_ALL:
-                unreachable.append(f"even at 100% on every missing seed, at best {best_gap:+.1f} points against all-layer (needs ≥ {-MAX_GAP_TO_ALL:+.1f})")
-            unreachable += [f"even at 100% on every missing seed, at best {g:+.1f} over {b} (needs ≥ +{MIN_GAIN_OVER_BASELINES:.1f})" for b, g in best_gains.items() if g < MIN_GAIN_OVER_BASELINES]
+                unreachable.append(f"at best {best_gap:+.1f} points against all-layer (needs ≥ {-MAX_GAP_TO_ALL:+.1f})")
+            unreachable += [f"at best {g:+.1f} over {b} (needs ≥ +{MIN_GAIN_OVER_BASELINES:.1f})" for b, g in best_gains.items() if g < MIN_GAIN_OVER_BASELINES]
         over_params = any(f is not None and f > MAX_PARAM_FRACTION + 1e-9 for f in fractions)
         if over_params and ratios is not None and not cheap_steps:
             unreachable.append(f"its measured cost misses: adapter parameters {max(f for f in fractions if f is not None):.2f}x (needs ≤ {MAX_PARAM_FRACTION}x) and 7B step {ratios['step']:.2f}x, peak {ratios['peak']:.2f}x (needs ≤ {MAX_STEP_RATIO}x and ≤ {MAX_PEAK_RATIO}x)")
         if unreachable:
             verdict = "out of reach"
-    return {**entry, "verdict": verdict, "gap_to_all_layer": gap, "gain_over": gains, "param_fraction_max": fraction, "cost_7b": ratios, "misses": misses, "unreachable": unreachable}
+    needed = needed_mean(method, cells, cases) if missing else None
+    return {**entry, "verdict": verdict, "gap_to_all_layer": gap, "gain_over": gains, "param_fraction_max": fraction, "cost_7b": ratios, "misses": misses, "unreachable": unreachable, "needed_missing_mean": needed}
 
 
 def same_waves(cell: Cell, reference: Cell) -> bool:
@@ -272,9 +292,11 @@ def markdown(cells: dict[tuple[str, str], Cell], verdicts: list[dict[str, Any]],
         if v["verdict"] == "misses":
             why = "; ".join(v["misses"])
         elif v["verdict"] == "out of reach":
-            why = f"{short}, but {'; '.join(v['unreachable'])}"
+            bounds = [u for u in v["unreachable"] if u.startswith("at best")]
+            costs = [u for u in v["unreachable"] if not u.startswith("at best")]
+            why = f"{short}, but " + "; ".join(([f"even at 100% on every missing seed: {'; '.join(bounds)}"] if bounds else []) + costs)
         elif v["verdict"] == "incomplete":
-            why = short + (f" (would miss: {'; '.join(v['misses'])})" if v["misses"] else "")
+            why = short + (f"; its missing seeds must average ≥ {v['needed_missing_mean']:.1f}% to meet the quality criteria" if v.get("needed_missing_mean") is not None else "") + (f" (so far it would miss: {'; '.join(v['misses'])})" if v["misses"] else "")
         else:
             why = ""
         lines.append(f"| {v['method']} | {len(v['cases'])} of {len(cases)} | {pts(v['gap_to_all_layer'])} | {pts(v['gain_over']['random-50'])} | {pts(v['gain_over']['equal-budget'])} | {fraction} | {cost} | **{v['verdict']}**{': ' + why if why else ''} |")
@@ -296,9 +318,11 @@ def plot(cells: dict[tuple[str, str], Cell], cases: list[str], path: Path) -> bo
     import matplotlib.pyplot as plt
 
     methods = sorted({m for (c, m) in cells if c in shown})
-    others = [f"C{i}" for i in range(10) if i != 3]  # C3 is a red: CKA's colour alone
-    colors = {m: ("#c44e52" if m.startswith("cka") else others[i % len(others)]) for i, m in enumerate(m for m in methods if not m.startswith("cka"))}
+    palette = plt.get_cmap("tab20").colors
+    others = [palette[i] for i in range(0, 20, 2) if i != 6] + [palette[i] for i in range(1, 20, 2) if i != 7]  # tab20's reds (6, 7) are CKA's alone
+    colors = {m: others[i % len(others)] for i, m in enumerate(m for m in methods if not m.startswith("cka"))}
     colors.update({m: "#c44e52" for m in methods if m.startswith("cka")})
+    markers = {m: "osD^v<>ph*"[i % 10] for i, m in enumerate(methods)}
     fig, axes = plt.subplots(2, len(shown), figsize=(3.6 * len(shown), 6.4), squeeze=False)
     for column, case in enumerate(shown):
         full = cells[(case, REFERENCE)]
@@ -310,7 +334,7 @@ def plot(cells: dict[tuple[str, str], Cell], cases: list[str], path: Path) -> bo
                 value = None if cell is None else _mean(values_of(cell))
                 if cell is None or value is None or not base or (row == 1 and not same_waves(cell, full)):
                     continue
-                ax.errorbar(value / base, cell.mean, yerr=cell.std, fmt="o", color=colors[method], label=method, capsize=3)
+                ax.errorbar(value / base, cell.mean, yerr=cell.std, fmt=markers[method], color=colors[method], label=method, capsize=3)
             ax.set_xlabel(label)
             ax.set_ylabel(f"test {full.metric} (%)")
             ax.grid(alpha=0.3)
