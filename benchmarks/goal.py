@@ -162,40 +162,47 @@ def read_cost(path: Path | None) -> dict[str, dict[str, float]]:
     return {method: {"step": rows[row]["step_time_ratio_to_all"], "peak": rows[row]["peak_memory_ratio_to_all"]} for method, row in COST_ROWS.items() if row in rows}
 
 
-def best_case(method: str, cells: dict[tuple[str, str], Cell], cases: list[str]) -> tuple[float, dict[str, float]] | None:
-    """The best averages ``method`` can still reach over ``cases``: every seed it still lacks (of
-    ``SEEDS_NEEDED``) scored at ``METRIC_MAX``, i.e. per case q̄_best = (Σ known + (3 − k)·100) / 3.
-    Returns (gap to all-layer, {baseline: gain}), or None while a reference or baseline lacks
-    seeds somewhere (nothing fixed to bound against)."""
+def _filled_means(method: str, cells: dict[tuple[str, str], Cell], cases: list[str], fill: float) -> dict[str, float] | None:
+    """Per case, ``method``'s mean score were every seed it still lacks (of ``SEEDS_NEEDED``) to
+    score ``fill``: q̄_c(s) = (Σ known_c + k_c·s) / 3 (its own mean where it has them all). None
+    while a reference or baseline lacks seeds somewhere (nothing fixed to compare with)."""
     for case in cases:
         for name in (REFERENCE, *BASELINES):
             if (case, name) not in cells or len(cells[(case, name)].scores) < SEEDS_NEEDED:
                 return None
-    best = {}
+    means = {}
     for case in cases:
         known = list(cells[(case, method)].scores.values()) if (case, method) in cells else []
-        best[case] = statistics.fmean(known) if len(known) >= SEEDS_NEEDED else (sum(known) + (SEEDS_NEEDED - len(known)) * METRIC_MAX) / SEEDS_NEEDED
-    gap = statistics.fmean(best[c] - cells[(c, REFERENCE)].mean for c in cases)
-    return gap, {b: statistics.fmean(best[c] - cells[(c, b)].mean for c in cases) for b in BASELINES}
+        means[case] = statistics.fmean(known) if len(known) >= SEEDS_NEEDED else (sum(known) + (SEEDS_NEEDED - len(known)) * fill) / SEEDS_NEEDED
+    return means
+
+
+def _criteria(means: dict[str, float], cells: dict[tuple[str, str], Cell], cases: list[str]) -> tuple[float, dict[str, float]]:
+    """(mean_c (q̄_c − q̄_all,c), {b: mean_c (q̄_c − q̄_b,c)}) for per-case means ``means``."""
+    gap = statistics.fmean(means[c] - cells[(c, REFERENCE)].mean for c in cases)
+    return gap, {b: statistics.fmean(means[c] - cells[(c, b)].mean for c in cases) for b in BASELINES}
+
+
+def best_case(method: str, cells: dict[tuple[str, str], Cell], cases: list[str]) -> tuple[float, dict[str, float]] | None:
+    """The best averages ``method`` can still reach over ``cases``: every seed it still lacks
+    scored at ``METRIC_MAX`` (:func:`_filled_means`). Returns (gap to all-layer, {baseline:
+    gain}), or None while a reference or baseline lacks seeds."""
+    means = _filled_means(method, cells, cases, METRIC_MAX)
+    return None if means is None else _criteria(means, cells, cases)
 
 
 def needed_mean(method: str, cells: dict[tuple[str, str], Cell], cases: list[str]) -> float | None:
     """The score (in %) that every seed ``method`` still lacks would have to reach, on average, for
     its averages to meet the three quality criteria; None while a reference or baseline lacks
-    seeds, or when no seed is missing. With k_c of the 3 seeds missing on case c and all of them
-    at s, q̄_c(s) = (Σ known_c + k_c·s) / 3, so criterion "mean_c (q̄_c − x̄_c) ≥ t" holds iff
-    s ≥ (n·t + Σ_c x̄_c − Σ_c Σ known_c / 3) · 3 / Σ_c k_c; the largest such bound over the criteria."""
-    if best_case(method, cells, cases) is None:
+    seeds, or when no seed is missing. Each criterion f(s) = mean_c (q̄_c(s) − x̄_c) is linear in
+    the missing seeds' score s (:func:`_filled_means`), rising by Σ_c k_c / (3n) per point, so
+    f(s) ≥ t iff s ≥ (t − f(0)) / slope; the largest such bound over the criteria."""
+    low, high = _filled_means(method, cells, cases, 0.0), _filled_means(method, cells, cases, METRIC_MAX)
+    if low is None or high == low:
         return None
-    known = {c: list(cells[(c, method)].scores.values()) if (c, method) in cells else [] for c in cases}
-    lacking = sum(max(0, SEEDS_NEEDED - len(v)) for v in known.values())
-    if not lacking:
-        return None
-    fixed = sum(statistics.fmean(v) if len(v) >= SEEDS_NEEDED else sum(v) / SEEDS_NEEDED for v in known.values())
-    n = len(cases)
-    bounds = [(n * -MAX_GAP_TO_ALL + sum(cells[(c, REFERENCE)].mean for c in cases) - fixed) * SEEDS_NEEDED / lacking]
-    bounds += [(n * MIN_GAIN_OVER_BASELINES + sum(cells[(c, b)].mean for c in cases) - fixed) * SEEDS_NEEDED / lacking for b in BASELINES]
-    return max(bounds)
+    (gap0, gains0), (gap1, _) = _criteria(low, cells, cases), _criteria(high, cells, cases)
+    slope = (gap1 - gap0) / METRIC_MAX  # the same for every criterion: they differ by constants
+    return max([(-MAX_GAP_TO_ALL - gap0) / slope] + [(MIN_GAIN_OVER_BASELINES - gains0[b]) / slope for b in BASELINES])
 
 
 def judge(method: str, cells: dict[tuple[str, str], Cell], cases: list[str], cost: dict[str, dict[str, float]]) -> dict[str, Any]:
