@@ -98,11 +98,41 @@ def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def pool_results(paths: list[Path]) -> dict[tuple[str, str], Cell]:
+def _searched(data: dict[str, Any], case: str, method: str) -> dict[str, float]:
+    """The validation scores of one search in a quality.py result: grid multiple -> score (scored points only)."""
+    entry = ((data.get("tuning") or {}).get(case) or {}).get(method) or {}
+    return {str(k): float(v) for k, v in (entry.get("scores") or {}).items() if v is not None}
+
+
+def superseded(files: dict[Path, dict[str, Any]]) -> dict[tuple[Path, str, str], Path]:
+    """(file, case, method) -> the file whose search continues it. A search widened or continued
+    later (``quality.py --tuning-from``) keeps every point scored before, with the same scores,
+    and scores more; where its choice moved (its final runs are at another rate), its final runs
+    replace those at the old rate. Final runs at the same rate are pooled as usual."""
+    rates: dict[tuple[str, str], dict[Path, set[float | None]]] = {}  # (case, method) -> file -> its final runs' rates
+    for path, data in files.items():
+        for run in data["runs"]:
+            if run.get("phase") == "final" and not run.get("error"):
+                rates.setdefault((run["case"], run["method"]), {}).setdefault(path, set()).add(run.get("lr"))
+    replaced: dict[tuple[Path, str, str], Path] = {}
+    for (case, method), by_file in rates.items():
+        for old in by_file:
+            before = _searched(files[old], case, method)
+            for new in by_file:
+                after = _searched(files[new], case, method)
+                continued = before and len(after) > len(before) and all(abs(after.get(k, -1.0) - v) < 1e-12 for k, v in before.items())
+                if new != old and continued and by_file[new] != by_file[old]:
+                    replaced[(old, case, method)] = new
+    return replaced
+
+
+def pool_results(paths: list[Path]) -> tuple[dict[tuple[str, str], Cell], list[dict[str, str]]]:
     """Every finished final test run of the ``paths`` (quality.py OUT.json files of ``--protocol
-    tuned``), pooled into (case, method) -> Cell; InputError on a file that is unreadable, not
-    tuned, or disagrees with another about the same run, and on one method's seeds at two rates."""
-    cells: dict[tuple[str, str], Cell] = {}
+    tuned``), pooled into (case, method) -> Cell, and the final runs left out because a later
+    search continued theirs (``superseded``: [{case, method, file, by}]). InputError on a file that
+    is unreadable, not tuned, or disagrees with another about the same run, and on one method's
+    seeds at two rates."""
+    files: dict[Path, dict[str, Any]] = {}
     for path in paths:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -112,11 +142,17 @@ def pool_results(paths: list[Path]) -> dict[tuple[str, str], Cell]:
             raise InputError("--results", f"{path} is not a quality.py result (no 'runs')")
         if data.get("protocol") != "tuned":
             raise InputError("--results", f"{path} was made with --protocol {data.get('protocol')}: only runs at each method's own validated learning rate (--protocol tuned) count")
+        files[path] = data
+    replaced = superseded(files)
+    cells: dict[tuple[str, str], Cell] = {}
+    for path, data in files.items():
         recipes = data.get("recipes", {})
         for run in data["runs"]:
             if run.get("phase") != "final" or run.get("error"):
                 continue
             case, method, seed = run["case"], run["method"], int(run["seed"])
+            if (path, case, method) in replaced:
+                continue
             metric = recipes.get(case, {}).get("metric", "accuracy")
             value = ((run.get("final") or {}).get("test") or {}).get(metric)
             if value is None:
@@ -145,7 +181,8 @@ def pool_results(paths: list[Path]) -> dict[tuple[str, str], Cell]:
             shared = (((data.get("summary") or {}).get(case) or {}).get(method) or {}).get("gpu_sharing")
             if shared:
                 cell.sharing.append(float(shared["mean"]))
-    return cells
+    left_out = [{"case": c, "method": m, "file": str(old), "by": str(new)} for (old, c, m), new in sorted(replaced.items(), key=lambda kv: (kv[0][1], kv[0][2], str(kv[0][0])))]
+    return cells, left_out
 
 
 def read_cost(path: Path | None) -> dict[str, dict[str, float]]:
@@ -265,7 +302,7 @@ def same_waves(cell: Cell, reference: Cell) -> bool:
     return set(cell.sources.values()) <= set(reference.sources.values())
 
 
-def markdown(cells: dict[tuple[str, str], Cell], verdicts: list[dict[str, Any]], cases: list[str], command: str) -> str:
+def markdown(cells: dict[tuple[str, str], Cell], verdicts: list[dict[str, Any]], cases: list[str], command: str, left_out: list[dict[str, str]] = ()) -> str:
     lines = ["Issue 12's goal over the binding cases: test score in %, mean ± std over seeds, each method at its own validated learning rate.", ""]
     for case in cases:
         here = [cell for (c, _), cell in cells.items() if c == case]
@@ -307,6 +344,9 @@ def markdown(cells: dict[tuple[str, str], Cell], verdicts: list[dict[str, Any]],
         else:
             why = ""
         lines.append(f"| {v['method']} | {len(v['cases'])} of {len(cases)} | {pts(v['gap_to_all_layer'])} | {pts(v['gain_over']['random-50'])} | {pts(v['gain_over']['equal-budget'])} | {fraction} | {cost} | **{v['verdict']}**{': ' + why if why else ''} |")
+    if left_out:
+        lines += ["", "Left out, because a later search continued theirs and chose another rate (its final runs count instead):", ""]
+        lines += [f"- {x['case']} {x['method']}: the final runs of {Path(x['file']).name} (searched on in {Path(x['by']).name})" for x in left_out]
     lines += ["", f"Command: `{command}`"]
     return "\n".join(lines) + "\n"
 
@@ -369,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = [c.strip() for c in args.cases.split(",") if c.strip()]
         if not cases:
             raise InputError("--cases", "give at least one case, e.g. " + BINDING_CASES[0])
-        cells = pool_results(args.results)
+        cells, left_out = pool_results(args.results)
         cost = read_cost(args.cost)
         unknown = [c for c in cases if not any(case == c for case, _ in cells)]
         if len(unknown) == len(cases):
@@ -382,13 +422,13 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/goal.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"command": command, "cases": cases, "goal": {"max_gap_to_all_layer": MAX_GAP_TO_ALL, "min_gain_over_baselines": MIN_GAIN_OVER_BASELINES, "max_param_fraction": MAX_PARAM_FRACTION,
               "max_step_ratio_7b": MAX_STEP_RATIO, "max_peak_ratio_7b": MAX_PEAK_RATIO, "seeds": SEEDS_NEEDED},
-              "cells": [cell.to_json() for (c, _), cell in sorted(cells.items()) if c in cases], "cost_7b": cost, "verdicts": verdicts}
+              "cells": [cell.to_json() for (c, _), cell in sorted(cells.items()) if c in cases], "cost_7b": cost, "verdicts": verdicts, "superseded": left_out}
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from lwlora.io import atomic_write_json, atomic_write_text
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out.with_suffix(".json"), result)
-    text = markdown(cells, verdicts, cases, command)
+    text = markdown(cells, verdicts, cases, command, left_out)
     atomic_write_text(args.out.with_suffix(".md"), text)
     plot(cells, cases, args.out.with_suffix(".png"))
     print(text)

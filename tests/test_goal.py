@@ -102,7 +102,7 @@ def test_goal_calls_a_method_out_of_reach_only_when_100_percent_on_its_missing_r
     best_last = (20.0 + 2 * 100.0) / 3  # the known 20% seed and two seeds at 100%
     expected_gap = np.mean([truth[(c, "bad")] - truth[(c, "all-layer")] for c in CASES[:3]] + [best_last - truth[(CASES[3], "all-layer")]])
     assert f"at best {expected_gap:+.1f} points against all-layer" in " ".join(bad["unreachable"])
-    gap, gains = goal.best_case("bad", goal.pool_results([tmp_path / "q.json"]), list(CASES))
+    gap, gains = goal.best_case("bad", goal.pool_results([tmp_path / "q.json"])[0], list(CASES))
     assert gap == pytest.approx(expected_gap, abs=1e-9)
     assert gains["equal-budget"] == pytest.approx(np.mean([truth[(c, "bad")] - truth[(c, "equal-budget")] for c in CASES[:3]] + [best_last - truth[(CASES[3], "equal-budget")]]), abs=1e-9)
     assert "**out of reach**: 1 cell short, but even at 100% on every missing seed: at best" in (tmp_path / "g.md").read_text()
@@ -118,7 +118,7 @@ def test_goal_calls_a_method_out_of_reach_only_when_100_percent_on_its_missing_r
     assert 0 < needed <= 100
     for fill, meets in ((needed, True), (needed - 0.01, False)):
         filled = runs + [_run(c, "hopeful", seed, fill / 100, adapter=500) for c in CASES[2:] for seed in (0, 1, 2)]
-        cells = goal.pool_results([_write(tmp_path / "filled.json", filled)])
+        cells = goal.pool_results([_write(tmp_path / "filled.json", filled)])[0]
         gap = np.mean([cells[(c, "hopeful")].mean - cells[(c, "all-layer")].mean for c in CASES])
         gains = [np.mean([cells[(c, "hopeful")].mean - cells[(c, b)].mean for c in CASES]) for b in ("random-50", "equal-budget")]
         ok = bool(gap >= -0.5 - 1e-9 and all(g >= 1.0 - 1e-9 for g in gains))
@@ -126,7 +126,7 @@ def test_goal_calls_a_method_out_of_reach_only_when_100_percent_on_its_missing_r
     assert "its missing seeds must average ≥" in (tmp_path / "g.md").read_text()
     # no bound while a baseline lacks seeds
     runs = [r for r in runs if not (r["method"] == "random-50" and r["case"] == CASES[0] and r["seed"] == 2)]
-    assert goal.best_case("bad", goal.pool_results([_write(tmp_path / "q2.json", runs)]), list(CASES)) is None
+    assert goal.best_case("bad", goal.pool_results([_write(tmp_path / "q2.json", runs)])[0], list(CASES)) is None
 
 
 def test_goal_pools_files_and_refuses_what_cannot_be_pooled(tmp_path, capsys):
@@ -165,12 +165,42 @@ def test_goal_pools_files_and_refuses_what_cannot_be_pooled(tmp_path, capsys):
     refused([one], "--cases", "none of", extra=("--cases", "nope/nothing"))
 
 
+def test_a_search_continued_later_replaces_the_final_runs_at_its_old_rate(tmp_path, capsys):
+    """An edge search widened in a later file (same scores at the old points, one more point, the
+    choice moved): the later file's final runs count, the earlier's of that cell are left out and
+    listed; the earlier file's other cells still count. A later search that does not extend the old
+    one (a score differs) is not a continuation: two rates are refused as before."""
+    goal = load_script("goal")
+    runs, _ = _grid(np.random.default_rng(5), {"all-layer": 0.0, "random-50": -0.03, "equal-budget": -0.02, "edge": -0.01})
+    case = CASES[1]
+    old_tuning = {case: {"edge": {"scores": {"1": 0.6, "2": 0.5}, "lr": 1e-3}}}
+    old = _write(tmp_path / "old.json", runs)
+    data = json.loads(old.read_text())
+    old.write_text(json.dumps({**data, "tuning": old_tuning}))
+    widened = [_run(case, "edge", s, 0.9, lr=5e-4) for s in (0, 1, 2)]
+    new = _write(tmp_path / "new.json", widened)
+    new.write_text(json.dumps({**json.loads(new.read_text()), "tuning": {case: {"edge": {"scores": {"0.5": 0.7, "1": 0.6, "2": 0.5}, "lr": 5e-4}}}}))
+    cells, left_out = goal.pool_results([old, new])
+    assert cells[(case, "edge")].lr == 5e-4 and cells[(case, "edge")].mean == pytest.approx(90.0)
+    assert set(cells[(case, "edge")].sources.values()) == {str(new)}
+    assert cells[(CASES[0], "edge")].lr == 1e-3 and len(cells[(CASES[0], "edge")].scores) == 3  # the other cases' runs of old.json stay
+    assert left_out == [{"case": case, "method": "edge", "file": str(old), "by": str(new)}]
+    assert goal.main(["--results", str(old), str(new), "--out", str(tmp_path / "g")]) == 0
+    assert json.loads((tmp_path / "g.json").read_text())["superseded"] == left_out
+    assert "old.json (searched on in new.json)" in (tmp_path / "g.md").read_text()
+    # not a continuation: the 1x score differs, so the two files' runs of one seed disagree, refused as before
+    new.write_text(json.dumps({**json.loads(new.read_text()), "tuning": {case: {"edge": {"scores": {"0.5": 0.7, "1": 0.61, "2": 0.5}, "lr": 5e-4}}}}))
+    capsys.readouterr()
+    assert goal.main(["--results", str(old), str(new), "--out", str(tmp_path / "bad")]) == 2
+    assert "--results:" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
+
+
 def test_goal_reads_the_committed_qwen_results_as_their_own_summary_does(tmp_path):
     path = ROOT / "benchmarks" / "results" / "quality-gpu-qwen05.json"
     if not path.is_file():
         pytest.skip("the committed Qwen results are not in this checkout")
     goal = load_script("goal")
-    cells = goal.pool_results([path])
+    cells = goal.pool_results([path])[0]
     summary = json.loads(path.read_text())["summary"]["qwen05/math_gsm_symbolic"]
     for method, stats in summary.items():
         cell = cells[("qwen05/math_gsm_symbolic", method)]
