@@ -88,7 +88,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -365,6 +365,12 @@ def finished(job: Job) -> dict[str, Any] | None:
     return read_run(job.run_dir)
 
 
+def launch(argv: list[str], log: IO[str], env: dict[str, str]) -> int:
+    """``python -m lwlora ARGV`` in its own process (its output into ``log``, environment ``env``):
+    its exit status. One process per run keeps runs that share a GPU from sharing CUDA state."""
+    return subprocess.run([sys.executable, "-m", "lwlora", *argv], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+
 def execute(job: Job, gpu: str | None) -> None:
     """Run one job in its own process (``python -m lwlora train ...``); a run that finished with the
     same command line is only read."""
@@ -384,15 +390,14 @@ def execute(job: Job, gpu: str | None) -> None:
     started = time.perf_counter()
     try:
         with open(job.log, "w") as log:
-            command = [sys.executable, "-m", "lwlora", *job.argv, *(["--overwrite"] if job.argv[0] == "train" else [])]
-            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            returncode = launch([*job.argv, *(["--overwrite"] if job.argv[0] == "train" else [])], log, env)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     job.wall_s = round(time.perf_counter() - started, 1)
     job.ended_at = time.time()
-    if done.returncode != 0:
+    if returncode != 0:
         tail = job.log.read_text(errors="replace").strip().splitlines()[-3:]
-        job.error = f"exit {done.returncode}: " + " / ".join(tail)
+        job.error = f"exit {returncode}: " + " / ".join(tail)
         return
     job.result = read_run(job.run_dir)
     if job.result is not None:

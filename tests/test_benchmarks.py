@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import sys
@@ -18,6 +19,19 @@ def load_script(name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def runs_in_this_process(bench, monkeypatch) -> None:
+    """quality.py's runs through ``lwlora``'s own entry point inside the test process, not one
+    Python process each: the same command lines and run folders, seconds of imports saved per run.
+    For the tests of the protocol's bookkeeping; test_quality_benchmark_smoke keeps the processes."""
+    from lwlora.cli import main as lwlora_main
+
+    def launch(argv, log, env):
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            return lwlora_main(argv)
+
+    monkeypatch.setattr(bench, "launch", launch)
 
 
 def test_selection_benchmark_smoke(tmp_path):
@@ -204,12 +218,13 @@ def test_quality_benchmark_smoke(tmp_path, tiny_bert_dir, data_files):
     assert json.loads(argv_file.read_text())[0] == "train" and "older" not in json.loads(argv_file.read_text())
 
 
-def test_quality_tuned_protocol_chooses_on_validation_then_trains_seeds_on_test(tmp_path, tiny_bert_dir):
+def test_quality_tuned_protocol_chooses_on_validation_then_trains_seeds_on_test(tmp_path, monkeypatch, tiny_bert_dir):
     """--protocol tuned end to end on a tiny BERT: the search runs train on validation only, the
     final runs at the chosen rate on test, and the report names the chosen rate."""
     from conftest import SENTENCES, write_jsonl
 
     bench = load_script("quality")
+    runs_in_this_process(bench, monkeypatch)
     task = tmp_path / "data" / "tiny_cls"
     task.mkdir(parents=True)
     records = [{"text": s, "label": i % 2} for i, s in enumerate(SENTENCES)]
@@ -233,12 +248,13 @@ def test_quality_tuned_protocol_chooses_on_validation_then_trains_seeds_on_test(
     assert "Learning-rate search" in report and "**" in report
 
 
-def test_quality_search_only_then_tuning_from_splits_the_protocol(tmp_path, tiny_bert_dir):
+def test_quality_search_only_then_tuning_from_splits_the_protocol(tmp_path, monkeypatch, tiny_bert_dir):
     """--search-only writes the chosen rates and trains nothing on test; --tuning-from reuses them
     (no search run is trained again) and trains the final seeds at exactly that rate."""
     from conftest import SENTENCES, write_jsonl
 
     bench = load_script("quality")
+    runs_in_this_process(bench, monkeypatch)
     task = tmp_path / "data" / "tiny_cls"
     task.mkdir(parents=True)
     records = [{"text": s, "label": i % 2} for i, s in enumerate(SENTENCES)]
@@ -599,11 +615,12 @@ def test_quality_liger_flag_reaches_the_instruction_runs_only(tmp_path, tiny_lla
     assert run["argv"][-1] == "--liger" and "--liger" in run["error"]
 
 
-def test_quality_search_measures_the_untuned_model_on_its_validation_split(tmp_path, tiny_llama_dir):
+def test_quality_search_measures_the_untuned_model_on_its_validation_split(tmp_path, monkeypatch, tiny_llama_dir):
     """An instruction case's search evaluates the untrained model once on the search's own
     validation split (the floor its scores read against); --tuning-from carries it over without
     evaluating again."""
     bench = load_script("quality")
+    runs_in_this_process(bench, monkeypatch)
     task = tmp_path / "data" / "tiny_inst"
     task.mkdir(parents=True)
     rows = [{"instruction": f"the cat sat {i} times", "output": f"so #### {i}", "answer": str(i), "template": i % 4} for i in range(12)]
