@@ -25,6 +25,10 @@ three baselines; until then its numbers are shown as provisional, over the cases
         benchmarks/results/quality-cpu-minilm-rte-tuned.json --cost benchmarks/results/train-cost-gpu.json \\
         --out benchmarks/results/goal
 
+Every Δ comes with its standard error over seeds (:func:`standard_error`); a criterion within 2
+of them of its threshold is listed in ``within_noise`` (≈ in the table): more seeds could turn it.
+A search widened in a later file replaces the final runs made at its old rate (:func:`superseded`).
+
 Writes ``OUT.json`` (every pooled cell, the per-method averages and verdicts), ``OUT.md`` (one
 table per case, then the verdicts) and ``OUT.png`` (per case: test score against adapter
 parameters and against step time, both as multiples of all-layer LoRA's).
@@ -242,6 +246,25 @@ def needed_mean(method: str, cells: dict[tuple[str, str], Cell], cases: list[str
     return max([(-MAX_GAP_TO_ALL - gap0) / slope] + [(MIN_GAIN_OVER_BASELINES - gains0[b]) / slope for b in BASELINES])
 
 
+def standard_error(method: str, other: str, cells: dict[tuple[str, str], Cell], cases: list[str]) -> float | None:
+    """The standard error of mean_c (q̄_m,c − q̄_o,c), the seeds of every cell independent:
+    SE = √(Σ_c (s²_m,c / n_m,c + s²_o,c / n_o,c)) / C, with s² the sample variance over a cell's
+    seeds (ddof 1) and C the number of cases. None where a cell has fewer than 2 seeds."""
+    total = 0.0
+    for case in cases:
+        for name in (method, other):
+            scores = list(cells[(case, name)].scores.values())
+            if len(scores) < 2:
+                return None
+            total += statistics.variance(scores) / len(scores)
+    return total ** 0.5 / len(cases)
+
+
+def unresolved(value: float, threshold: float, se: float | None) -> bool:
+    """Whether seeds' noise could move a criterion's side: ``value`` within 2 standard errors of ``threshold``."""
+    return se is not None and abs(value - threshold) < 2 * se
+
+
 def judge(method: str, cells: dict[tuple[str, str], Cell], cases: list[str], cost: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Method's averages over ``cases`` and its verdict: "meets", "misses" (with the criteria it
     misses), "out of reach" (runs are missing, but even at 100% on every one of them it would miss
@@ -257,9 +280,11 @@ def judge(method: str, cells: dict[tuple[str, str], Cell], cases: list[str], cos
     usable = [c for c in cases if all((c, n) in cells for n in (method, REFERENCE, *BASELINES))]
     entry: dict[str, Any] = {"method": method, "cases": usable, "missing": missing}
     if not usable:
-        return {**entry, "verdict": "incomplete", "gap_to_all_layer": None, "gain_over": {b: None for b in BASELINES}, "param_fraction_max": None, "cost_7b": cost.get(method), "misses": [], "unreachable": [], "needed_missing_mean": needed_mean(method, cells, cases)}
+        return {**entry, "verdict": "incomplete", "gap_to_all_layer": None, "gain_over": {b: None for b in BASELINES}, "standard_error": {}, "within_noise": [], "param_fraction_max": None, "cost_7b": cost.get(method), "misses": [], "unreachable": [], "needed_missing_mean": needed_mean(method, cells, cases)}
     gap = statistics.fmean(cells[(c, method)].mean - cells[(c, REFERENCE)].mean for c in usable)
     gains = {b: statistics.fmean(cells[(c, method)].mean - cells[(c, b)].mean for c in usable) for b in BASELINES}
+    se = {name: standard_error(method, name, cells, usable) for name in (REFERENCE, *BASELINES)}
+    close = [name for name, value, threshold in [(REFERENCE, gap, -MAX_GAP_TO_ALL)] + [(b, gains[b], MIN_GAIN_OVER_BASELINES) for b in BASELINES] if unresolved(value, threshold, se[name])]
     fractions = []
     for c in usable:
         mine, full = _mean(cells[(c, method)].adapter_params), _mean(cells[(c, REFERENCE)].adapter_params)
@@ -293,7 +318,7 @@ def judge(method: str, cells: dict[tuple[str, str], Cell], cases: list[str], cos
         if unreachable:
             verdict = "out of reach"
     needed = needed_mean(method, cells, cases) if missing else None
-    return {**entry, "verdict": verdict, "gap_to_all_layer": gap, "gain_over": gains, "param_fraction_max": fraction, "cost_7b": ratios, "misses": misses, "unreachable": unreachable, "needed_missing_mean": needed}
+    return {**entry, "verdict": verdict, "gap_to_all_layer": gap, "gain_over": gains, "standard_error": se, "within_noise": close, "param_fraction_max": fraction, "cost_7b": ratios, "misses": misses, "unreachable": unreachable, "needed_missing_mean": needed}
 
 
 def same_waves(cell: Cell, reference: Cell) -> bool:
@@ -325,11 +350,14 @@ def markdown(cells: dict[tuple[str, str], Cell], verdicts: list[dict[str, Any]],
             lines.append(f"| {cell.method} | {lr} | {len(cell.scores)} | {cell.mean:.1f} ± {cell.std:.1f} | {fraction} | {step_text} | {shared} | {sources} |")
         lines += ["", "Step times are comparable only between runs that shared their GPU (or CPU) about as much: the ratio to all-layer is given only for runs from the same result files as all-layer's (³: other sessions, not comparable). The isolated cost is the 7B case's (`train_cost.py`).", ""]
     lines += ["### Verdicts", "",
-              f"Goal: Δ all-layer ≥ {-MAX_GAP_TO_ALL:+.1f}, Δ random-50 and Δ equal-budget ≥ +{MIN_GAIN_OVER_BASELINES:.1f} (points, mean over the cases), adapter parameters ≤ {MAX_PARAM_FRACTION}x in every case or 7B step ≤ {MAX_STEP_RATIO}x and peak ≤ {MAX_PEAK_RATIO}x; {SEEDS_NEEDED} seeds on each of {len(cases)} cases. Provisional (incomplete) rows average over the cases listed; **out of reach**: runs are missing, but the method misses even if every missing run scored 100%.", "",
+              f"Goal: Δ all-layer ≥ {-MAX_GAP_TO_ALL:+.1f}, Δ random-50 and Δ equal-budget ≥ +{MIN_GAIN_OVER_BASELINES:.1f} (points, mean over the cases), adapter parameters ≤ {MAX_PARAM_FRACTION}x in every case or 7B step ≤ {MAX_STEP_RATIO}x and peak ≤ {MAX_PEAK_RATIO}x; {SEEDS_NEEDED} seeds on each of {len(cases)} cases. Provisional (incomplete) rows average over the cases listed; **out of reach**: runs are missing, but the method misses even if every missing run scored 100%. ± the standard error of the mean difference over seeds (√(Σ_c s²_m,c/n_m,c + s²_b,c/n_b,c) / C); ≈: within 2 standard errors of its threshold, so more seeds could turn that criterion either way.", "",
               "| method | cases | Δ all-layer | Δ random-50 | Δ equal-budget | adapter params (max x) | 7B step / peak (x) | verdict |", "|---|---|---|---|---|---|---|---|"]
     for v in verdicts:
-        def pts(x):
-            return "—" if x is None else f"{x:+.1f}"
+        def pts(x, name):
+            if x is None:
+                return "—"
+            error = v["standard_error"].get(name)
+            return f"{x:+.1f}" + ("" if error is None else f" ± {error:.1f}") + (" ≈" if name in v["within_noise"] else "")
         cost = "—" if not v["cost_7b"] else f"{v['cost_7b']['step']:.2f} / {v['cost_7b']['peak']:.2f}"
         fraction = "—" if v["param_fraction_max"] is None else f"{v['param_fraction_max']:.2f}"
         short = f"{len(v['missing'])} {'cell' if len(v['missing']) == 1 else 'cells'} short"
@@ -343,7 +371,7 @@ def markdown(cells: dict[tuple[str, str], Cell], verdicts: list[dict[str, Any]],
             why = short + (f"; its missing seeds must average ≥ {v['needed_missing_mean']:.1f}% to meet the quality criteria" if v.get("needed_missing_mean") is not None else "") + (f" (so far it would miss: {'; '.join(v['misses'])})" if v["misses"] else "")
         else:
             why = ""
-        lines.append(f"| {v['method']} | {len(v['cases'])} of {len(cases)} | {pts(v['gap_to_all_layer'])} | {pts(v['gain_over']['random-50'])} | {pts(v['gain_over']['equal-budget'])} | {fraction} | {cost} | **{v['verdict']}**{': ' + why if why else ''} |")
+        lines.append(f"| {v['method']} | {len(v['cases'])} of {len(cases)} | {pts(v['gap_to_all_layer'], REFERENCE)} | {pts(v['gain_over']['random-50'], 'random-50')} | {pts(v['gain_over']['equal-budget'], 'equal-budget')} | {fraction} | {cost} | **{v['verdict']}**{': ' + why if why else ''} |")
     if left_out:
         lines += ["", "Left out, because a later search continued theirs and chose another rate (its final runs count instead):", ""]
         lines += [f"- {x['case']} {x['method']}: the final runs of {Path(x['file']).name} (searched on in {Path(x['by']).name})" for x in left_out]

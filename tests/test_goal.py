@@ -195,6 +195,34 @@ def test_a_search_continued_later_replaces_the_final_runs_at_its_old_rate(tmp_pa
     assert "--results:" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
 
 
+def test_standard_errors_of_the_gaps_match_a_float64_reference_and_flag_what_seeds_cannot_resolve(tmp_path):
+    """SE of mean_c (q̄_m,c − q̄_b,c) = √(Σ_c var_m,c/n_m,c + var_b,c/n_b,c) / C (sample variances),
+    checked against numpy float64 on unequal seed counts; a criterion within 2 SE of its threshold is
+    flagged, one far from it is not, and the table prints both."""
+    goal = load_script("goal")
+    rng = np.random.default_rng(11)
+    runs, scores = [], {}
+    for c, case in enumerate(CASES):
+        for method, (offset, spread, seeds) in {"all-layer": (0.0, 0.02, 5), "random-50": (-0.10, 0.01, 3), "equal-budget": (-0.01, 0.03, 3), "close": (-0.004, 0.02, 4)}.items():
+            values = 0.4 + 0.1 * c + offset + rng.normal(0, spread, seeds)
+            scores[(case, method)] = np.asarray(values, dtype=np.float64) * 100
+            runs += [_run(case, method, s, float(v)) for s, v in enumerate(values)]
+    cells, _ = goal.pool_results([_write(tmp_path / "q.json", runs)])
+    for other in ("all-layer", "random-50", "equal-budget"):
+        variance = sum(scores[(c, m)].var(ddof=1) / scores[(c, m)].size for c in CASES for m in ("close", other))
+        assert goal.standard_error("close", other, cells, list(CASES)) == pytest.approx(np.sqrt(variance) / len(CASES), rel=1e-12)
+    verdict = goal.judge("close", cells, list(CASES), {})
+    gap, se = verdict["gap_to_all_layer"], verdict["standard_error"]["all-layer"]
+    assert abs(gap + 0.5) < 2 * se  # about -0.4 against a -0.5 threshold: not resolved by these seeds
+    assert "all-layer" in verdict["within_noise"] and "random-50" not in verdict["within_noise"]  # +9.6 against +1.0
+    assert goal.unresolved(-0.4, -0.5, 0.06) and not goal.unresolved(-0.4, -0.5, 0.04) and not goal.unresolved(-0.4, -0.5, None)
+    one_seed = [r for r in runs if not (r["method"] == "close" and r["seed"] > 0)]
+    assert goal.standard_error("close", "all-layer", goal.pool_results([_write(tmp_path / "one.json", one_seed)])[0], list(CASES)) is None
+    assert goal.main(["--results", str(tmp_path / "q.json"), "--out", str(tmp_path / "g")]) == 0
+    (row,) = [line for line in (tmp_path / "g.md").read_text().splitlines() if line.startswith("| close | 4 of 4 |")]
+    assert f"{gap:+.1f} ± {se:.1f} ≈" in row
+
+
 def test_goal_reads_the_committed_qwen_results_as_their_own_summary_does(tmp_path):
     path = ROOT / "benchmarks" / "results" / "quality-gpu-qwen05.json"
     if not path.is_file():
