@@ -722,3 +722,18 @@ def test_quality_report_names_the_device_the_runs_shared():
     env = {"torch": "t", "transformers": "x", "peft": "p", "command": "c"}
     assert "other runs on the CPU" in bench.markdown(summary, env, {}, {})
     assert "other runs on the GPU" in bench.markdown(summary, {**env, "gpu": "1 × H200"}, {}, {})
+
+
+def test_eva_convergence_benchmark_smoke(tmp_path, capsys):
+    """A random 64-wide Llama, EVA stopped after 2 passes at the latest: the row says whether it
+    converged and never counts more passes than allowed; bad input is refused with exit 2."""
+    bench = load_script("eva_convergence")
+    assert bench.main(["--cases", "random-llama", "--width", "64", "--max-passes", "2", "--out", str(tmp_path / "eva")]) == 0
+    (row,) = json.loads((tmp_path / "eva.json").read_text())["results"]
+    assert row["case"] == "random-llama" and 0 < row["passes"] <= 2 and isinstance(row["converged"], bool)
+    assert row["converged"] or row["passes"] == 2
+    assert "| random-llama |" in (tmp_path / "eva.md").read_text()
+    capsys.readouterr()
+    for argv, flag in ((["--cases", "nope"], "--cases"), (["--cases", "smollm2-text", "--data", str(tmp_path)], "--data"), (["--cases", "random-llama", "--max-passes", "0"], "--max-passes")):
+        assert bench.main([*argv, "--out", str(tmp_path / "bad")]) == 2
+        assert f"error: {flag}:" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()

@@ -105,3 +105,31 @@ def test_eva_under_bf16_autocast_takes_its_svd_in_float32(tiny_llama_dir, instru
     assert _train(tiny_llama_dir, "instruction", instruct_dir, out, "--layers", "2,3", "--max-new-tokens", "4", "--bf16") == 0
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["init_lora_weights"] == "eva" and config["rank_pattern"]
+
+
+def test_eva_that_does_not_converge_stops_with_a_usage_error(tiny_llama_dir, instruct_dir, tmp_path, monkeypatch, capsys):
+    """PEFT cycles EVA's batches until every layer converges, with no limit (on random weights it
+    may never). After EVA_MAX_PASSES passes lwlora gives up: one line naming --method, exit 2,
+    no run folder; the counting hook is gone afterwards, and a limit it stays within changes nothing."""
+    from lwlora.adapters import placement
+
+    calls = []
+    real = placement.initialize_eva
+
+    def spy(peft_model, batches, max_passes=None):
+        calls.append(len(list(batches)))
+        try:
+            return real(peft_model, batches, max_passes)
+        finally:
+            assert not peft_model.get_base_model()._forward_pre_hooks  # the counter is removed, converged or not
+
+    monkeypatch.setattr(placement, "initialize_eva", spy)
+    monkeypatch.setattr(placement, "EVA_MAX_PASSES", 1)
+    out = tmp_path / "run"
+    assert _train(tiny_llama_dir, "instruction", instruct_dir, out, "--layers", "2,3", "--max-new-tokens", "4", "--num-samples", "4", "--select-batch-size", "4") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("lwlora train: error: --method: PEFT's EVA did not converge in 1 passes over its 1 batches"), line
+    assert calls == [1] and not (out / "metrics.json").exists()
+    monkeypatch.setattr(placement, "EVA_MAX_PASSES", 1000)
+    assert _train(tiny_llama_dir, "instruction", instruct_dir, out, "--layers", "2,3", "--max-new-tokens", "4", "--num-samples", "4", "--select-batch-size", "4") == 0
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["init_lora_weights"] == "eva"

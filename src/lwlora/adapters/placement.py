@@ -375,7 +375,18 @@ def apply_selection(
     return peft_model
 
 
-def initialize_eva(peft_model: nn.Module, batches: Sequence[dict[str, Any]]) -> None:
+#: passes over the initialisation batches after which EVA is given up. PEFT cycles them until
+#: every layer's top components converge: measured, 5.5 passes on 4 blocks of SmolLM2 with math
+#: text, 25 with random tokens, up to 70 on the tests' tiny random models, and none in 100 on a
+#: random 512-wide Llama (a flat spectrum; benchmarks/eva_convergence.py, docs/methods.md)
+EVA_MAX_PASSES = 100
+
+
+class _EvaNotConverging(Exception):
+    """Raised from a forward hook to stop PEFT's EVA loop after ``EVA_MAX_PASSES`` passes."""
+
+
+def initialize_eva(peft_model: nn.Module, batches: Sequence[dict[str, Any]], max_passes: int | None = None) -> None:
     """PEFT's EVA initialisation (``peft.initialize_lora_eva_weights``) on ``batches``: each
     adapted layer's A takes the top right-singular vectors of its inputs (incremental SVD until
     they stop changing, cosine ≥ tau), its rank the share of explained variance (at most rho x r,
@@ -383,17 +394,36 @@ def initialize_eva(peft_model: nn.Module, batches: Sequence[dict[str, Any]]) -> 
     under ``--bf16`` the caller's autocast would turn the matmuls inside ``torch.svd_lowrank`` into
     bfloat16 ones, and torch's QR (geqrf) has no bfloat16 kernel on CPU or CUDA. The layer inputs
     are then taken in the weights' dtype (float32 under mixed precision) and PEFT's SVD runs in
-    float32."""
+    float32.
+
+    PEFT reads ``batches`` again and again until every layer has converged, with no limit; after
+    ``max_passes`` passes (``max_passes · len(batches)`` forward calls; default
+    ``EVA_MAX_PASSES``) this gives up with a ConfigError instead of running on."""
     from peft import initialize_lora_eva_weights
+
+    batches = list(batches)
+    max_passes = EVA_MAX_PASSES if max_passes is None else max_passes
+    limit = max_passes * len(batches)
+    calls = [0]
+
+    def count(_module, _args):
+        calls[0] += 1
+        if calls[0] > limit:
+            raise _EvaNotConverging
 
     was_training = peft_model.training
     peft_model.eval()
     device_type = next(peft_model.parameters()).device.type
+    inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    handle = inner.register_forward_pre_hook(count)
     try:
         with torch.autocast(device_type=device_type, enabled=False):
-            initialize_lora_eva_weights(peft_model, dataloader=list(batches), show_progress_bar=False)
+            initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False)
+    except _EvaNotConverging:
+        raise ConfigError("--method", f"PEFT's EVA did not converge in {max_passes} passes over its {len(batches)} batches (the layers' top input components kept changing, as on random weights); give more --num-samples or use another --method") from None
     except (IndexError, ValueError, RuntimeError) as exc:  # PEFT's EVA assumes (batch, tokens, features) layer inputs
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ConfigError("--method", f"PEFT's EVA could not initialise this model ({type(exc).__name__}: {first}); use another --method") from None
     finally:
+        handle.remove()
         peft_model.train(was_training)
