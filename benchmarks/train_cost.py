@@ -20,8 +20,11 @@ full fine-tuning, and the candidates of the selection-science issue:
   linearly with depth (block ranks from about r/4 to 3r/4);
 - ``eva-budget``: PEFT's EVA initialisation at equal-budget's rank (ranks redistributed by
   explained variance), from ``EVA_BATCHES`` batches of the case's shape; the row also reports the
-  one-off initialisation time ``init_s`` (incremental SVD of every adapted layer's inputs; on
-  random weights and random tokens, so how many batches it takes to converge is only indicative).
+  one-off initialisation time ``init_s`` (incremental SVD of every adapted layer's inputs). On
+  random weights EVA's components may never settle (``benchmarks/eva_convergence.py``: a random
+  4-block Llama had not converged after 100 passes); lwlora then stops it after
+  ``EVA_MAX_PASSES`` passes and the row records that error: on the 7B case this row needs real
+  weights (the tiny cases converge).
 
 ``prune`` (warm-up then prune) costs all-layer LoRA for the warm-up and the kept blocks'
 selection afterwards (on a real model, about ``cka50``'s cost). Ratios are to all-layer LoRA.
