@@ -609,3 +609,21 @@ def test_comma_separated_targets_as_the_cli_passes_them():
     stack = resolve_block_stack(model)
     peft_model = apply_selection(model, make_selection(stack, [2], info), r=2, target_modules="q_proj, v_proj")
     assert adapters_by_block(adapted_module_names(peft_model), stack.path) == {2: {"self_attn.q_proj", "self_attn.v_proj"}}
+
+
+def test_eva_given_up_leaves_no_hooks_on_the_model(monkeypatch):
+    """After EVA_MAX_PASSES passes without convergence apply_selection raises a --method error, and
+    the model keeps none of PEFT's SVD hooks nor lwlora's counter (PEFT removes its hooks only when
+    its loop ends normally): a later forward runs the plain model."""
+    from peft.tuners.lora import eva
+
+    from lwlora.adapters import placement
+
+    model, info = build("llama-lm")
+    stack = resolve_block_stack(model)
+    init = [info.make_batch(), info.make_batch(seed=2)]
+    monkeypatch.setattr(placement, "EVA_MAX_PASSES", 1)
+    with pytest.raises(ConfigError, match="--method: PEFT's EVA did not converge in 1 passes over its 2 batches"):
+        apply_selection(model, make_selection(stack, [0, 1], info), method="eva", r=2, target_modules="auto", init_batches=init)
+    hooks = [(name, h) for name, m in model.named_modules() for h in m._forward_hooks.values() if isinstance(h, (eva.SVDHook, eva.HashHook))]
+    assert hooks == [] and not model._forward_pre_hooks

@@ -426,4 +426,17 @@ def initialize_eva(peft_model: nn.Module, batches: Sequence[dict[str, Any]], max
         raise ConfigError("--method", f"PEFT's EVA could not initialise this model ({type(exc).__name__}: {first}); use another --method") from None
     finally:
         handle.remove()
+        _remove_eva_hooks(inner)
         peft_model.train(was_training)
+
+
+def _remove_eva_hooks(model: nn.Module) -> None:
+    """Drop the forward hooks PEFT's EVA left on ``model``'s layers. PEFT removes its SVD hooks only
+    when the loop ends normally; after an error (or the pass limit) they would keep running on
+    every later forward of the same model."""
+    from peft.tuners.lora import eva
+
+    hook_types = tuple(t for t in (getattr(eva, "SVDHook", None), getattr(eva, "HashHook", None)) if isinstance(t, type))
+    for module in model.modules():
+        for key in [k for k, hook in module._forward_hooks.items() if isinstance(hook, hook_types)]:
+            del module._forward_hooks[key]
