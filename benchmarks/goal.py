@@ -29,6 +29,11 @@ Every Δ comes with its standard error over seeds (:func:`standard_error`); a cr
 of them of its threshold is listed in ``within_noise`` (≈ in the table): more seeds could turn it.
 A search widened in a later file replaces the final runs made at its old rate (:func:`superseded`).
 
+The mode lwlora ships, ``--preset recommended`` (``lwlora.training.modes``), is judged as the
+method ``recommended``: on its own runs where a file has them, else on the runs of the method
+whose recorded ``lwlora train`` flags are the ones the preset stands for (equal-budget's today;
+the table says whose runs they are: :func:`add_recommended`).
+
 Writes ``OUT.json`` (every pooled cell, the per-method averages and verdicts), ``OUT.md`` (one
 table per case, then the verdicts) and ``OUT.png`` (per case: test score against adapter
 parameters and against step time, both as multiples of all-layer LoRA's).
@@ -37,12 +42,15 @@ parameters and against step time, both as multiples of all-layer LoRA's).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 BINDING_CASES = ("qwen05/math_gsm_symbolic", "mpnet/nli_vitaminc", "minilm/rte_epistemic", "minilm/nli_vitaminc")
 REFERENCE = "all-layer"
@@ -80,6 +88,8 @@ class Cell:
     peak_gib: list[float] = field(default_factory=list)
     sharing: list[float] = field(default_factory=list)  # per run: other runs on its GPU (its file's summary)
     sources: dict[int, str] = field(default_factory=dict)
+    flags: tuple[str, ...] | None = None  # its `lwlora train` flags, as its file records them (OUT.json "methods")
+    runs_of: str | None = None  # the method whose runs these are, when they stand in for another's (add_recommended)
 
     @property
     def mean(self) -> float:
@@ -94,7 +104,7 @@ class Cell:
             "case": self.case, "method": self.method, "metric": self.metric, "lr": self.lr,
             "scores": {str(s): v for s, v in sorted(self.scores.items())}, "mean": self.mean, "std": self.std, "num_seeds": len(self.scores),
             "adapter_params": _mean(self.adapter_params), "step_s": _mean(self.step_s), "peak_memory_gib": _mean(self.peak_gib), "gpu_sharing": _mean(self.sharing),
-            "sources": sorted(set(self.sources.values())),
+            "sources": sorted(set(self.sources.values())), **({"runs_of": self.runs_of} if self.runs_of else {}),
         }
 
 
@@ -164,7 +174,8 @@ def pool_results(paths: list[Path]) -> tuple[dict[tuple[str, str], Cell], list[d
             score = 100 * float(value)
             cell = cells.get((case, method))
             if cell is None:
-                cell = cells[(case, method)] = Cell(case, method, metric, run.get("lr"))
+                flags = (data.get("methods") or {}).get(method)
+                cell = cells[(case, method)] = Cell(case, method, metric, run.get("lr"), flags=None if flags is None else tuple(flags))
             if cell.metric != metric:
                 raise InputError("--results", f"{case}: {path} scores {metric}, {cell.sources[next(iter(cell.sources))]} scores {cell.metric}")
             if seed in cell.scores:
@@ -187,6 +198,21 @@ def pool_results(paths: list[Path]) -> tuple[dict[tuple[str, str], Cell], list[d
                 cell.sharing.append(float(shared["mean"]))
     left_out = [{"case": c, "method": m, "file": str(old), "by": str(new)} for (old, c, m), new in sorted(replaced.items(), key=lambda kv: (kv[0][1], kv[0][2], str(kv[0][0])))]
     return cells, left_out
+
+
+def add_recommended(cells: dict[tuple[str, str], Cell]) -> dict[tuple[str, str], Cell]:
+    """``cells`` with a ``recommended`` cell in every case that has none of its own but has the
+    runs of a method whose recorded flags are the ones ``--preset recommended`` stands for
+    (``lwlora.training.modes.recommended_flags``): the same `lwlora train` run, so the same runs,
+    marked ``runs_of`` that method."""
+    from lwlora.training.modes import RECOMMENDED, recommended_flags
+
+    wanted = recommended_flags()
+    added = dict(cells)
+    for (case, method), cell in cells.items():
+        if method != RECOMMENDED and cell.flags == wanted and (case, RECOMMENDED) not in cells:
+            added[(case, RECOMMENDED)] = dataclasses.replace(cell, method=RECOMMENDED, runs_of=method, scores=dict(cell.scores), sources=dict(cell.sources))
+    return added
 
 
 def read_cost(path: Path | None) -> dict[str, dict[str, float]]:
@@ -249,9 +275,12 @@ def needed_mean(method: str, cells: dict[tuple[str, str], Cell], cases: list[str
 def standard_error(method: str, other: str, cells: dict[tuple[str, str], Cell], cases: list[str]) -> float | None:
     """The standard error of mean_c (q̄_m,c − q̄_o,c), the seeds of every cell independent:
     SE = √(Σ_c (s²_m,c / n_m,c + s²_o,c / n_o,c)) / C, with s² the sample variance over a cell's
-    seeds (ddof 1) and C the number of cases. None where a cell has fewer than 2 seeds."""
+    seeds (ddof 1) and C the number of cases; a case where the method's runs are ``other``'s
+    (``Cell.runs_of``) adds nothing. None where a cell has fewer than 2 seeds."""
     total = 0.0
     for case in cases:
+        if cells[(case, method)].runs_of == other:  # the same runs: the difference is exactly 0
+            continue
         for name in (method, other):
             scores = list(cells[(case, name)].scores.values())
             if len(scores) < 2:
@@ -347,7 +376,8 @@ def markdown(cells: dict[tuple[str, str], Cell], verdicts: list[dict[str, Any]],
             sources = ", ".join(Path(s).name for s in sorted(set(cell.sources.values())))
             lr = f"{cell.lr:g}" if cell.lr else "—"
             shared = "—" if not cell.sharing else f"{_mean(cell.sharing):.1f}"
-            lines.append(f"| {cell.method} | {lr} | {len(cell.scores)} | {cell.mean:.1f} ± {cell.std:.1f} | {fraction} | {step_text} | {shared} | {sources} |")
+            name = cell.method if cell.runs_of is None else f"{cell.method} (= {cell.runs_of}'s runs: the same flags)"
+            lines.append(f"| {name} | {lr} | {len(cell.scores)} | {cell.mean:.1f} ± {cell.std:.1f} | {fraction} | {step_text} | {shared} | {sources} |")
         lines += ["", "Step times are comparable only between runs that shared their GPU (or CPU) about as much: the ratio to all-layer is given only for runs from the same result files as all-layer's (³: other sessions, not comparable). The isolated cost is the 7B case's (`train_cost.py`).", ""]
     lines += ["### Verdicts", "",
               f"Goal: Δ all-layer ≥ {-MAX_GAP_TO_ALL:+.1f}, Δ random-50 and Δ equal-budget ≥ +{MIN_GAIN_OVER_BASELINES:.1f} (points, mean over the cases), adapter parameters ≤ {MAX_PARAM_FRACTION}x in every case or 7B step ≤ {MAX_STEP_RATIO}x and peak ≤ {MAX_PEAK_RATIO}x; {SEEDS_NEEDED} seeds on each of {len(cases)} cases. Provisional (incomplete) rows average over the cases listed; **out of reach**: runs are missing, but the method misses even if every missing run scored 100%. ± the standard error of the mean difference over seeds (√(Σ_c s²_m,c/n_m,c + s²_b,c/n_b,c) / C); ≈: within 2 standard errors of its threshold, so more seeds could turn that criterion either way.", "",
@@ -438,7 +468,11 @@ def main(argv: list[str] | None = None) -> int:
         if not cases:
             raise InputError("--cases", "give at least one case, e.g. " + BINDING_CASES[0])
         cells, left_out = pool_results(args.results)
+        cells = add_recommended(cells)
         cost = read_cost(args.cost)
+        for cell in cells.values():  # a stand-in costs what the runs it stands in for cost
+            if cell.runs_of in cost:
+                cost.setdefault(cell.method, cost[cell.runs_of])
         unknown = [c for c in cases if not any(case == c for case, _ in cells)]
         if len(unknown) == len(cases):
             raise InputError("--cases", f"none of {', '.join(cases)} has final runs in --results (they have: {', '.join(sorted({c for c, _ in cells})) or 'none'})")
@@ -451,7 +485,6 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": command, "cases": cases, "goal": {"max_gap_to_all_layer": MAX_GAP_TO_ALL, "min_gain_over_baselines": MIN_GAIN_OVER_BASELINES, "max_param_fraction": MAX_PARAM_FRACTION,
               "max_step_ratio_7b": MAX_STEP_RATIO, "max_peak_ratio_7b": MAX_PEAK_RATIO, "seeds": SEEDS_NEEDED},
               "cells": [cell.to_json() for (c, _), cell in sorted(cells.items()) if c in cases], "cost_7b": cost, "verdicts": verdicts, "superseded": left_out}
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from lwlora.io import atomic_write_json, atomic_write_text
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -443,6 +443,24 @@ def test_quality_recipe_flags_fit_every_method(tmp_path):
             TrainConfig(**fields)  # raises ConfigError on a combination lwlora train refuses
 
 
+def test_quality_recommended_is_the_preset_and_trains_its_method_s_run_once(tmp_path):
+    """The ``recommended`` method is lwlora's ``--preset recommended`` itself; it trains the run of
+    the method whose flags the preset stands for, so the default method list leaves it out."""
+    from lwlora.cli import build_parser
+    from lwlora.commands.arguments import given
+    from lwlora.training.config import TrainConfig
+
+    bench = load_script("quality")
+    assert bench.METHODS["recommended"] == ("--preset", "recommended")
+    twin = bench.same_run_as("recommended")
+    assert twin == "equal-budget" and "recommended" not in bench.DEFAULT_METHODS and twin in bench.DEFAULT_METHODS
+    assert all(bench.same_run_as(m) is None for m in bench.DEFAULT_METHODS)
+    parser, recipe = build_parser(), bench.CASES["minilm/rte_epistemic"]
+    configs = [TrainConfig(**given(parser.parse_args(bench.build_argv("minilm/rte_epistemic", m, 0, model="m", data_root=tmp_path, run_dir=tmp_path / "run", recipe=recipe, bf16=False, max_steps=None))))
+               for m in ("recommended", twin)]
+    assert configs[0].to_json() == configs[1].to_json()
+
+
 def test_stage_models_round_trip(tmp_path, tiny_bert_dir):
     """pack writes an fp16 copy (half the bytes) and the task folders; unpack gives a float32
     checkpoint whose weights are the originals rounded to fp16, loadable like any directory."""

@@ -86,6 +86,20 @@ def test_equal_budget_baseline_scales_the_rank(tiny_bert_dir, labelled, tmp_path
         base_config(tiny_bert_dir, labelled, tmp_path / "x", layers="cka", budget_from_ratio=0.5)
 
 
+def test_the_recommended_preset_is_the_equal_budget_run(tiny_bert_dir, labelled, tmp_path):
+    """``--preset recommended`` is expanded into ``--layers all --budget-from-ratio 0.5`` before
+    anything runs: the same config (so train_config.json records what ran) and the same ranks."""
+    preset = base_config(tiny_bert_dir, labelled, tmp_path / "run", preset="recommended")
+    spelled = base_config(tiny_bert_dir, labelled, tmp_path / "run", layers="all", budget_from_ratio=0.5)
+    assert preset.to_json() == spelled.to_json() and preset.preset is None
+    result = train(preset)
+    assert lora_ranks(result.model) == {0: 2, 1: 2, 2: 2}
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["budget_from_ratio"] == 0.5
+    # --ratio sets the share of the blocks' parameters it spends
+    smaller = base_config(tiny_bert_dir, labelled, tmp_path / "x", preset="recommended", ratio=0.34)
+    assert (smaller.layers, smaller.budget_from_ratio, smaller.ratio) == ("all", 0.34, None)
+
+
 def test_importance_weighted_ranks_keep_the_total(tiny_bert_dir, labelled, tmp_path):
     result = train(base_config(tiny_bert_dir, labelled, tmp_path / "run", layers="all", rank_allocation="importance", pooling="mean"))
     ranks = lora_ranks(result.model)

@@ -242,7 +242,8 @@ def test_every_shipped_config_builds_with_typed_values():
         ("pooling: bogus", "pooling: unknown choice 'bogus'; choose one of cls, last, mean"),
         ("feature_norm: x", "feature_norm: unknown choice 'x'; choose one of none, standardize"),
         ("degenerate_fallback: y", "degenerate_fallback: unknown choice 'y'; choose one of exclude, mean"),
-        ("preset: z", "preset: unknown choice 'z'; choose one of paper"),
+        ("preset: z", "preset: unknown choice 'z'; choose one of paper, recommended"),
+        ("preset: recommended", "layers: does not combine with --preset recommended (it adapts every block)"),
         ("scorer: fim", "scorer: fim is a gradient scorer: use --layers fim"),
         ("alpha: 0", "alpha: must be positive"),
         ("device: gpu", "device: unknown device 'gpu'"),
@@ -280,6 +281,11 @@ def train_argv(model, data, out, *extra):
         (["--feature-norm", "x"], "--feature-norm"),
         (["--degenerate-fallback", "y"], "--degenerate-fallback"),
         (["--preset", "z"], "--preset"),
+        (["--preset", "recommended", "--ratio", "1.5"], "--ratio: with --preset recommended"),
+        (["--preset", "recommended", "--budget-from-ratio", "0.5"], "--budget-from-ratio: does not combine with --preset recommended"),
+        (["--preset", "recommended", "--layers", "cka"], "--layers: does not combine with --preset recommended"),
+        (["--preset", "recommended", "--method", "full"], "--method: full does not combine with --preset recommended"),
+        (["--preset", "recommended", "--rank-allocation", "importance"], "--rank-allocation: importance does not combine"),
         (["--scorer", "nope"], "--scorer"),
         (["--layers", "fim", "--feature-norm", "standardize"], "--feature-norm"),
         (["--layers", "cka-debiased", "--num-samples", "3"], "--num-samples"),
@@ -304,6 +310,21 @@ def test_lwlora_select_bootstrap_1_is_one_line_exit_2(tiny_bert_dir, data_files,
     assert cli.main(["select", str(tiny_bert_dir), "--data", str(data_files.jsonl), "--out", str(out), "--num-samples", "8", "--bootstrap", "1", "--device", "cpu", "--no-progress"]) == 2
     err = stderr_lines(capsys)
     assert len(err) == 1 and err[0].startswith("lwlora select: error: --bootstrap"), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name, value", [("num_layers", 2), ("param_budget", 0.5), ("auto", True), ("include", (0,)), ("exclude", (1,)),
+                                         ("selection", "sel.json"), ("dynamic_blocks", 0.5), ("granularity", "sublayer")])
+def test_the_recommended_preset_refuses_what_it_sets_itself(name, value):
+    with pytest.raises(ConfigError, match=f"^--{name.replace('_', '-')}: .*--preset recommended"):
+        TrainConfig(model="m", task="classification", out="o", preset="recommended", **{name: value})
+
+
+def test_lwlora_select_refuses_the_training_preset(tiny_bert_dir, data_files, tmp_path, capsys):
+    out = tmp_path / "sel"
+    assert cli.main(["select", str(tiny_bert_dir), "--data", str(data_files.jsonl), "--out", str(out), "--preset", "recommended", "--device", "cpu", "--no-progress"]) == 2
+    err = stderr_lines(capsys)
+    assert len(err) == 1 and err[0].startswith("lwlora select: error: --preset: recommended is a training mode"), err
     assert not out.exists()
 
 

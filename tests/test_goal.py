@@ -234,3 +234,42 @@ def test_goal_reads_the_committed_qwen_results_as_their_own_summary_does(tmp_pat
         cell = cells[("qwen05/math_gsm_symbolic", method)]
         assert cell.mean == pytest.approx(100 * stats["final"]["test"]["exact_match"]["mean"], abs=1e-9)
         assert len(cell.scores) == stats["num_seeds"]
+
+
+def _write_with_flags(path: Path, runs, methods: dict[str, list[str]]) -> Path:
+    _write(path, runs)
+    data = json.loads(path.read_text())
+    data["methods"] = methods
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_the_recommended_preset_is_judged_on_the_runs_of_the_method_with_its_flags(tmp_path):
+    """`--preset recommended` trains the run whose flags lwlora.training.modes names: goal.py judges
+    it on that method's runs (marked as theirs, its gap to them exactly 0 with no error, the
+    same 7B cost), and on its own runs where a file has some."""
+    goal = load_script("goal")
+    from lwlora.training.modes import recommended_flags
+
+    runs, truth = _grid(np.random.default_rng(3), {"all-layer": 0.0, "random-50": -0.03, "equal-budget": -0.01, "other-half": -0.02})
+    flags = {"all-layer": ["--layers", "all"], "random-50": ["--layers", "random", "--ratio", "0.5"], "equal-budget": list(recommended_flags()), "other-half": ["--layers", "all", "--budget-from-ratio", "0.25"]}
+    results = _write_with_flags(tmp_path / "q.json", runs, flags)
+    cost = _cost(tmp_path / "cost.json", {"all": (1.0, 1.0), "equal-budget": (0.86, 0.94)})
+    assert goal.main(["--results", str(results), "--cost", str(cost), "--out", str(tmp_path / "g")]) == 0
+    v = _verdicts(tmp_path / "g")["recommended"]
+    assert v["gain_over"]["equal-budget"] == 0.0 and v["standard_error"]["equal-budget"] == 0.0
+    assert v["gap_to_all_layer"] == pytest.approx(np.mean([truth[(c, "equal-budget")] - truth[(c, "all-layer")] for c in CASES]), abs=1e-9)
+    assert v["cost_7b"] == {"step": 0.86, "peak": 0.94} and v["verdict"] == "misses"
+    cells = [c for c in json.loads((tmp_path / "g.json").read_text())["cells"] if c["method"] == "recommended"]
+    assert len(cells) == len(CASES) and all(c["runs_of"] == "equal-budget" for c in cells)
+    assert "recommended (= equal-budget's runs: the same flags)" in (tmp_path / "g.md").read_text()
+    # its own runs (another file) are judged as they are
+    own = [_run(case, "recommended", s, 0.5, adapter=500) for case in CASES for s in (0, 1, 2)]
+    mine = _write_with_flags(tmp_path / "own.json", own, {"recommended": ["--preset", "recommended"]})
+    assert goal.main(["--results", str(results), str(mine), "--out", str(tmp_path / "g2")]) == 0
+    cells = [c for c in json.loads((tmp_path / "g2.json").read_text())["cells"] if c["method"] == "recommended"]
+    assert all("runs_of" not in c and c["mean"] == pytest.approx(50.0) for c in cells)
+    # no method with its flags: no recommended row
+    flags["equal-budget"] = ["--layers", "all", "--budget-from-ratio", "0.4"]
+    assert goal.main(["--results", str(_write_with_flags(tmp_path / "q3.json", runs, flags)), "--out", str(tmp_path / "g3")]) == 0
+    assert "recommended" not in _verdicts(tmp_path / "g3")

@@ -35,7 +35,7 @@ STATISTICS: tuple[str, ...] = typing.get_args(Statistics)  # = lwlora.selection.
 FeatureNorm = Literal["none", "standardize"]
 FEATURE_NORMS: tuple[str, ...] = typing.get_args(FeatureNorm)  # = lwlora.selection.scoring.FEATURE_NORMS
 DegenerateFallback = Literal["exclude", "mean"]
-Preset = Literal["paper"]
+Preset = Literal["paper", "recommended"]  # recommended: a training mode (lwlora.training.modes)
 DType = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
 DTYPES: tuple[str, ...] = typing.get_args(DType)  # = the keys of lwlora.models.DTYPES
 #: What lwlora.models.resolve_device and lwlora.training.device.parse_device place a model on.
@@ -173,7 +173,7 @@ class SelectOptions:
     auto: bool = option(False, "choose as many blocks as the point of the sorted importance curve farthest from its chord says")
     prefer_shallow: float | None = option(None, "prefer a deeper lowest adapted block (a cheaper backward) at up to this share of lost total importance")
     granularity: Granularity = option("block", "block: score whole blocks; sublayer: score each block's attention and MLP halves apart and fill --ratio / --param-budget (default 0.5) of all-layer LoRA's parameters with the most important")
-    preset: Preset | None = option(None, "paper: reproduce the reference scripts (encoders never choose block 0; ties to the higher index)")
+    preset: Preset | None = option(None, "paper: reproduce the reference scripts (encoders never choose block 0; ties to the higher index); recommended (train, run): every block at the rank whose parameters equal --ratio (0.5) of the blocks, the best half budget lwlora measured (docs/benchmarks.md 3c)")
     # how the measurement is made
     num_samples: int = option(128, "samples the blocks are scored on (drawn with --seed; 128 as in the paper)")
     pooling: Pooling | None = option(None, "one vector per sample: cls (first real token), last (last real token), mean; default cls for encoders, last for decoders")
@@ -201,6 +201,8 @@ class SelectOptions:
         check_at_least("--r", self.r)
         if self.layers is not None:
             object.__setattr__(self, "layers", unique_blocks("--layers", self.layers))
+        if self.preset == "recommended":  # lwlora train expands it before its options are built
+            raise ConfigError("--preset", "recommended is a training mode (lwlora train / run: every block at half the rank, no blocks chosen); to choose blocks give --preset paper or none")
         if self.preset == "paper" and (self.layers is not None or self.include or self.exclude):
             raise ConfigError("--preset", "paper fixes the exclusions itself; drop --layers/--include/--exclude")
         self.policy_for("decoder")  # validates ratio / num_layers / include / exclude early

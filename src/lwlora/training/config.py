@@ -36,6 +36,7 @@ from lwlora.selection.options import (
     check_measurement,
 )
 from lwlora.selection.policy import RULES
+from lwlora.training.modes import expand_preset
 
 Method = Literal["lora", "pissa", "dora", "rslora", "olora", "eva", "full"]
 TRAIN_METHODS: tuple[str, ...] = typing.get_args(Method)
@@ -166,6 +167,7 @@ class TrainConfig:
     progress: bool = option(True, "show progress bars")
 
     def __init__(self, model: str, task: str, out: str, **values: Any) -> None:
+        values = expand_preset(values)  # --preset recommended: the fields it stands for
         init_holding(self, {"model": model, "task": task, "out": out, **values}, nested="options", nested_type=SelectOptions, translate=_translate)
 
     def __getattr__(self, name: str) -> Any:
