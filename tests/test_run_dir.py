@@ -46,8 +46,8 @@ def cls_data(tmp_path_factory):
 
 
 def _args(model, data, out, *extra) -> list[str]:
-    """The arguments of a short run; an ``extra`` ``--layers`` replaces the default layer choice."""
-    layers = [] if "--layers" in extra else ["--layers", "last", "--num-layers", "1"]
+    """The arguments of a short run; an ``extra`` ``--layers`` or ``--preset`` replaces the default layer choice."""
+    layers = [] if "--layers" in extra or "--preset" in extra else ["--layers", "last", "--num-layers", "1"]
     return ["train", str(model), "--task", "classification", "--data", str(data), "--out", str(out), *layers,
             "--max-steps", "6", "--batch-size", "8", "--max-length", "24", "--device", "cpu", "--no-progress", "--dropout", "0", "--logging-steps", "1", *extra]
 
@@ -340,3 +340,44 @@ def test_the_train_loss_after_a_resume_covers_the_whole_run(quiet_bert, cls_data
     assert resumed["train_loss_this_session"] != pytest.approx(uninterrupted["train_loss"], rel=1e-4)  # the last 3 steps only
     logged = [h["loss"] for h in _metrics(whole)["loss_history"]]
     assert uninterrupted["train_loss"] == pytest.approx(sum(logged) / len(logged), rel=1e-4)
+
+
+@pytest.mark.parametrize("first, second, changed", [
+    (["--layers", "all", "--budget-from-ratio", "0.5"], ["--layers", "all"], "budget_from_ratio: 0.5 -> None"),
+    (["--preset", "recommended"], ["--layers", "all", "--budget-from-ratio", "0.34"], "budget_from_ratio: 0.5 -> 0.34"),
+    (["--layers", "all"], ["--layers", "all", "--rank-allocation", "importance", "--pooling", "mean"], "rank_allocation: 'uniform' -> 'importance'"),
+    (["--layers", "all"], ["--layers", "all", "--prune-at", "2"], "prune_at: None -> 2"),
+])
+def test_resume_refuses_a_run_that_would_train_other_adapters(quiet_bert, cls_data, tmp_path, capsys, first, second, changed):
+    """The adapters' shapes and schedule are part of what a run is: resuming with another budget,
+    rank allocation or pruning is refused up front (exit 2, nothing touched), not left to a
+    checkpoint that no longer fits."""
+    run = tmp_path / "run"
+    assert cli.main([*_args(quiet_bert, cls_data, run, "--max-steps", "2", *first)]) == 0
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert cli.main([*_args(quiet_bert, cls_data, run, "--max-steps", "4", *second), "--resume"]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("lwlora train: error: --resume:") and "holds a different run" in line and changed in line, line
+    assert _snapshot(run) == before
+
+
+def test_resume_compares_the_later_identity_fields_only_where_the_run_recorded_them(tmp_path):
+    """A run directory written before lwlora recorded a field (its train_config.json lacks it)
+    still resumes; one that recorded another value does not."""
+    from lwlora.training.config import IDENTITY_FIELDS, LATER_IDENTITY_FIELDS, TrainConfig
+    from lwlora.training.run_dir import prepare_run_dir
+
+    assert set(LATER_IDENTITY_FIELDS) < set(IDENTITY_FIELDS) and "budget_from_ratio" in LATER_IDENTITY_FIELDS
+    identity = TrainConfig(model="m", task="classification", out=str(tmp_path / "run"), layers="all").identity()
+    run = tmp_path / "run"
+    run.mkdir()
+    older = {k: v for k, v in identity.items() if k not in LATER_IDENTITY_FIELDS}
+    (run / "train_config.json").write_text(json.dumps(older))
+    assert prepare_run_dir(str(run), identity, resume=True, overwrite=False, optional=LATER_IDENTITY_FIELDS).work == run
+    (run / "train_config.json").write_text(json.dumps({**older, "budget_from_ratio": 0.5}))
+    with pytest.raises(ConfigError, match=r"budget_from_ratio: 0.5 -> None"):
+        prepare_run_dir(str(run), identity, resume=True, overwrite=False, optional=LATER_IDENTITY_FIELDS)
+    with pytest.raises(ConfigError, match=r"--resume: .* holds a different run \(model: None -> 'm'\)"):  # the original fields stay required
+        (run / "train_config.json").write_text(json.dumps({k: v for k, v in identity.items() if k != "model"}))
+        prepare_run_dir(str(run), identity, resume=True, overwrite=False, optional=LATER_IDENTITY_FIELDS)

@@ -48,7 +48,11 @@ SCHEDULERS: tuple[str, ...] = typing.get_args(Scheduler)
 DEFAULT_SEED = 42
 
 #: Fields that define *what* a run trains; resuming a run directory with other values is refused.
-IDENTITY_FIELDS = ("model", "gguf_file", "task", "data", "selection", "layers", "ratio", "num_layers", "method", "r", "alpha", "target_modules", "max_length", "seed")
+IDENTITY_FIELDS = ("model", "gguf_file", "task", "data", "selection", "layers", "ratio", "num_layers", "method", "r", "alpha", "target_modules", "max_length", "seed",
+                   # the adapters' shapes and what is pruned or sampled (a checkpoint of other ranks would not load)
+                   "param_budget", "granularity", "budget_from_ratio", "rank_allocation", "eva_rho", "modules_to_save", "prune_at", "prune_score", "dynamic_blocks")
+#: identity fields that train_config.json files of earlier versions may lack: compared where recorded
+LATER_IDENTITY_FIELDS = IDENTITY_FIELDS[IDENTITY_FIELDS.index("param_budget"):]
 #: how TrainConfig's flat spellings (``to_json``, YAML, flags) name options' fields
 FLAT_ALIASES = {"select_batch_size": "batch_size"}
 

@@ -74,17 +74,20 @@ def plan_run_dir(out: str, *, overwrite: bool) -> RunPlace:
     return RunPlace(target=target, work=target)
 
 
-def prepare_run_dir(out: str, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> RunPlace:
+def prepare_run_dir(out: str, identity: dict[str, Any], *, resume: bool, overwrite: bool, optional: tuple[str, ...] = ()) -> RunPlace:
     """Check ``out`` for a new, resumed or overwriting run before anything expensive happens;
     nothing of an existing run is touched here (a stale staging directory of an earlier,
-    failed overwrite is cleared)."""
+    failed overwrite is cleared). ``--resume`` needs every ``identity`` value to equal the run's
+    recorded one; ``optional`` names those compared only where the record has them (fields an
+    earlier version did not record)."""
     run = check_output_dir(out, "--out")
     existing = run / CONFIG_FILE
     if resume:
         if not existing.is_file():
             raise ConfigError("--resume", f"{run} holds no run to resume ({CONFIG_FILE} missing)")
         previous = json.loads(existing.read_text(encoding="utf-8"))
-        changed = {k: (previous.get(k), v) for k, v in identity.items() if previous.get(k) != v}
+        recorded = {k: v for k, v in identity.items() if k in previous or k not in optional}
+        changed = {k: (previous.get(k), v) for k, v in recorded.items() if previous.get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
             raise ConfigError("--resume", f"{run} holds a different run ({detail}); use another --out or --overwrite")

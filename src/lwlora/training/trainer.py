@@ -29,7 +29,7 @@ from torch import nn
 
 from lwlora.errors import ConfigError
 from lwlora.io import atomic_write_json
-from lwlora.training.config import TrainConfig
+from lwlora.training.config import LATER_IDENTITY_FIELDS, TrainConfig
 from lwlora.training.run_dir import (
     RunPlace,
     finish_run,
@@ -401,7 +401,7 @@ def _train(config: TrainConfig, callbacks: list[Any] | None) -> TrainResult:
     # checks and writes RUN (the Trainer coordinates checkpoints itself).
     main_process = is_main_process()
     # An overwriting run is written beside the old one (place.work) and replaces it at the end.
-    place: RunPlace = prepare_run_dir(config.out, config.identity(), resume=config.resume, overwrite=config.overwrite) if main_process else plan_run_dir(config.out, overwrite=config.overwrite)
+    place: RunPlace = prepare_run_dir(config.out, config.identity(), resume=config.resume, overwrite=config.overwrite, optional=LATER_IDENTITY_FIELDS) if main_process else plan_run_dir(config.out, overwrite=config.overwrite)
     run = place.work
     set_seed(config.seed)
     tokenizer, source, gguf_file = load_tokenizer(config.model, task=config.task, gguf_file=config.gguf_file, trust_remote_code=config.trust_remote_code)
