@@ -439,7 +439,8 @@ def plot(cells: dict[tuple[str, str], Cell], cases: list[str], path: Path) -> bo
                 value = None if cell is None else _mean(values_of(cell))
                 if cell is None or value is None or not base or (row == 1 and not same_waves(cell, full)):
                     continue
-                ax.errorbar(value / base, cell.mean, yerr=cell.std, fmt=markers[method], color=colors[method], label=method, capsize=3)
+                hollow = {"mfc": "none", "markersize": 11} if cell.runs_of else {}  # a stand-in: the method it stands in for shows through
+                ax.errorbar(value / base, cell.mean, yerr=cell.std, fmt=markers[method], color=colors[method], label=method if cell.runs_of is None else f"{method} (= {cell.runs_of})", capsize=3, **hollow)
             ax.set_xlabel(label)
             ax.set_ylabel(f"test {full.metric} (%)")
             ax.grid(alpha=0.3)
