@@ -320,11 +320,12 @@ def test_the_recommended_preset_refuses_what_it_sets_itself(name, value):
         TrainConfig(model="m", task="classification", out="o", preset="recommended", **{name: value})
 
 
-def test_lwlora_select_refuses_the_training_preset(tiny_bert_dir, data_files, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["select", "compare"])
+def test_the_commands_that_choose_blocks_refuse_the_training_preset(tiny_bert_dir, data_files, tmp_path, capsys, command):
     out = tmp_path / "sel"
-    assert cli.main(["select", str(tiny_bert_dir), "--data", str(data_files.jsonl), "--out", str(out), "--preset", "recommended", "--device", "cpu", "--no-progress"]) == 2
+    assert cli.main([command, str(tiny_bert_dir), "--data", str(data_files.jsonl), "--out", str(out), "--preset", "recommended", "--device", "cpu", "--no-progress"]) == 2
     err = stderr_lines(capsys)
-    assert len(err) == 1 and err[0].startswith("lwlora select: error: --preset: recommended is a training mode"), err
+    assert len(err) == 1 and err[0].startswith(f"lwlora {command}: error: --preset: recommended is a training mode"), err
     assert not out.exists()
 
 
