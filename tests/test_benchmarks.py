@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -151,8 +152,10 @@ def test_train_ddp_smoke_and_compare(tmp_path):
     single = json.loads((tmp_path / "one.json").read_text())
     assert single["processes"] == 1 and single["gradient_accumulation"] == 2 and len(single["losses"]) == 6
     # two gloo processes on the CPU, the same global batch: the loss curve must match
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "benchmarks" / "train_ddp.py"), "--case", "tiny", "--out", str(tmp_path / "two")]
-    subprocess.run(torchrun, check=True, capture_output=True, timeout=300)
+    # (a free rendezvous port, one thread a process, as the other launcher tests; stderr shown on failure)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "benchmarks" / "train_ddp.py"), "--case", "tiny", "--out", str(tmp_path / "two")]
+    done = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
     assert bench.main(["--compare", str(tmp_path / "one.json"), str(tmp_path / "two.json"), "--out", str(tmp_path / "cmp")]) == 0
     summary = json.loads((tmp_path / "cmp.json").read_text())["summary"]
     assert summary["processes"] == 2
