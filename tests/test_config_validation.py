@@ -329,6 +329,13 @@ def test_the_commands_that_choose_blocks_refuse_the_training_preset(tiny_bert_di
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command, listed", [("select", "{paper}"), ("compare", "{paper}"), ("train", "{paper,recommended}")])
+def test_preset_usage_lists_what_the_command_accepts(capsys, command, listed):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    assert f"--preset {listed}" in capsys.readouterr().out
+
+
 def test_lwlora_run_with_lr_written_as_2e_4(tiny_bert_dir, cls_dir, tmp_path):
     """``lr: 2e-4`` is a string to PyYAML; the run trains with the number."""
     out = tmp_path / "run"

@@ -26,6 +26,7 @@ TRAIN_LAYERS_HELP = "which blocks: cka (measured with --scorer; the paper), anot
 TRAIN_SCORER_HELP = "the similarity that measures the blocks for --layers cka (and the importances of --rank-allocation importance and --dynamic-blocks): cka, cka-debiased, bi, angular (default cka)"
 SELECT_SCORER_HELP = "cka (default), cka-debiased, bi, angular; fim, gradnorm (gradient probes: need labels); all, first, last, random (rules, as --rule)"
 #: select and compare choose blocks: the training preset (recommended) chooses none, and they refuse it
+SELECT_PRESET_CHOICES = {"preset": ("paper",)}
 SELECT_PRESET_HELP = "paper: reproduce the reference scripts (encoders never choose block 0; ties to the higher index). (recommended is lwlora train's mode, which chooses no blocks)"
 
 
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("select", help="score every block (1 - CKA of its input and output) and choose the blocks to adapt",
                        description="Score every transformer block on a few task samples and write DIR/selection.json, DIR/scores.csv and DIR/importance.png.")
-    add_config(p, SelectConfig, positional=("model",), required=("data",), option_help={"scorer": SELECT_SCORER_HELP, "preset": SELECT_PRESET_HELP})
+    add_config(p, SelectConfig, positional=("model",), required=("data",), option_help={"scorer": SELECT_SCORER_HELP, "preset": SELECT_PRESET_HELP}, option_choices=SELECT_PRESET_CHOICES)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
 
     p = sub.add_parser("train", help="fine-tune with adapters on the selected blocks (transformers Trainer; works under accelerate launch / torchrun)",
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="run several selection methods, compare what they select (Jaccard, cost), optionally train each",
                        description="Select blocks with every --methods entry and write DIR/comparison.json, DIR/comparison.md and DIR/comparison.png; "
                        "with --train, train each selection for every --seeds entry and tabulate mean ± std.")
-    add_config(p, CompareConfig, positional=("model",), required=("data", "out"), option_skip=("scorer", "rule"), option_help={"preset": SELECT_PRESET_HELP})
+    add_config(p, CompareConfig, positional=("model",), required=("data", "out"), option_skip=("scorer", "rule"), option_help={"preset": SELECT_PRESET_HELP}, option_choices=SELECT_PRESET_CHOICES)
 
     p = sub.add_parser("export", help="write a selection as what another trainer reads: PEFT, LLaMA-Factory, Axolotl, Unsloth",
                        description="Turn SELECTION.json into PEFT's adapter_config.json / LoraConfig kwargs, LLaMA-Factory's lora_target, Axolotl's "

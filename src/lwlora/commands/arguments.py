@@ -47,9 +47,10 @@ def _default_text(field: dataclasses.Field) -> str:
     return f" (default: {','.join(map(str, default)) if isinstance(default, tuple) else default})"
 
 
-def add_field(parser: argparse.ArgumentParser | argparse._ArgumentGroup, field: dataclasses.Field, hint: Any, *, flag: str | None = None, dest: str | None = None, help_text: str | None = None, default: Any = dataclasses.MISSING) -> None:
+def add_field(parser: argparse.ArgumentParser | argparse._ArgumentGroup, field: dataclasses.Field, hint: Any, *, flag: str | None = None, dest: str | None = None, help_text: str | None = None, default: Any = dataclasses.MISSING, choices: tuple[str, ...] | None = None) -> None:
     """One flag for ``field`` (see the module docstring). ``flag``/``dest`` rename it (train's
-    ``--select-batch-size`` for the options' ``batch_size``); ``default`` overrides the shown one."""
+    ``--select-batch-size`` for the options' ``batch_size``); ``default`` overrides the shown one;
+    ``choices`` the values a Literal field's usage line lists (where a command accepts fewer)."""
     name = dest or field.name
     flag = flag or flag_of(field.name)
     text = help_text if help_text is not None else help_of(field)
@@ -62,7 +63,7 @@ def add_field(parser: argparse.ArgumentParser | argparse._ArgumentGroup, field: 
             parser.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=text)
         return
     if typing.get_origin(kind) is typing.Literal:  # the dataclass checks the value: the same message as for a YAML key
-        parser.add_argument(flag, dest=name, metavar="{" + ",".join(typing.get_args(kind)) + "}", default=argparse.SUPPRESS, help=text + suffix)
+        parser.add_argument(flag, dest=name, metavar="{" + ",".join(choices or typing.get_args(kind)) + "}", default=argparse.SUPPRESS, help=text + suffix)
         return
     if typing.get_origin(kind) is tuple:
         parser.add_argument(flag, dest=name, type=int_list, default=argparse.SUPPRESS, metavar="0,3,5", help=text + suffix)
@@ -81,6 +82,7 @@ def add_config(
     option_skip: Iterable[str] = (),
     option_defaults: Mapping[str, Any] | None = None,
     option_help: Mapping[str, str] | None = None,
+    option_choices: Mapping[str, tuple[str, ...]] | None = None,
     group: str | None = "selection (how the blocks are chosen)",
     optional_positional: bool = False,
 ) -> None:
@@ -90,7 +92,9 @@ def add_config(
     ``skip``: own fields without a flag; ``renames``: option field → flag name (``batch_size`` →
     ``select_batch_size`` for train); ``option_skip``: option fields without a flag (train's
     ``layers``/``rule``, spelled by its own ``--layers``); ``option_defaults`` / ``option_help``:
-    what the help says where the command's default or meaning differs; ``optional_positional``:
+    what the help says where the command's default or meaning differs; ``option_choices``: the
+    values a Literal option's usage line lists where the command accepts fewer (the dataclass still
+    checks the value); ``optional_positional``:
     the positional fields may be left out (train with ``--config``)."""
     hints = typing.get_type_hints(cls)
     positional, required, skip, option_skip = set(positional), set(required), set(skip), set(option_skip)
@@ -118,7 +122,8 @@ def add_config(
             continue
         alias = renames.get(field.name)
         add_field(target, field, nested_hints[field.name], flag=flag_of(alias) if alias else None, dest=alias or field.name,
-                  help_text=option_help.get(field.name), default=option_defaults.get(field.name, dataclasses.MISSING))
+                  help_text=option_help.get(field.name), default=option_defaults.get(field.name, dataclasses.MISSING),
+                  choices=(option_choices or {}).get(field.name))
 
 
 def given(args: argparse.Namespace, exclude: Iterable[str] = ("command", "run")) -> dict[str, Any]:
