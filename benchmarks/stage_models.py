@@ -51,16 +51,29 @@ def _convert_safetensors(src: Path, dst: Path, dtype: torch.dtype) -> None:
             shutil.copy2(item, dst / item.name)
 
 
+def _only_gguf(path: Path, name: str) -> str | None:
+    """The one ``*.gguf`` file of a checkpoint folder without ``model.safetensors`` (None if it has none)."""
+    found = sorted(item.name for item in path.glob("*.gguf"))
+    if len(found) > 1:
+        raise SystemExit(f"--model {name}: {path} holds several GGUF files ({', '.join(found)}); name one as {name}={path / found[0]}")
+    return found[0] if found else None
+
+
 def pack(models: dict[str, str], data_root: Path | None, out: Path) -> dict:
-    """Write the staged copies of ``models`` (name -> Hub-free source: a directory or builtin:NAME)
+    """Write the staged copies of ``models`` (name -> Hub-free source: a directory, builtin:NAME, or a
+    ``.gguf`` file; a directory holding one GGUF file and no model.safetensors is staged as that GGUF)
     and the task folders of ``data_root`` into ``out``; returns the manifest written to stage.json."""
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict = {"models": {}, "tasks": []}
     for name, source in models.items():
         path, gguf_file = resolve_model_source(source, None)
         path = Path(path)
+        if gguf_file is None and path.suffix == ".gguf" and path.is_file():
+            path, gguf_file = path.parent, path.name
         if not path.is_dir():
             raise SystemExit(f"--model {name}: {source} is not a local directory (staging needs the files here)")
+        if gguf_file is None and not (path / "model.safetensors").is_file():
+            gguf_file = _only_gguf(path, name)
         if gguf_file:
             (out / name).mkdir(parents=True, exist_ok=True)
             shutil.copy2(path / gguf_file, out / name / gguf_file)
@@ -116,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pack", help="write compact copies of the models (and the task folders)")
-    p.add_argument("--model", action="append", required=True, help="NAME=DIR or NAME=builtin:NAME")
+    p.add_argument("--model", action="append", required=True, help="NAME=DIR, NAME=builtin:NAME or NAME=FILE.gguf (a DIR holding one GGUF file and no model.safetensors stages that GGUF)")
     p.add_argument("--data-root", help="folder of the task folders (../shared/data)")
     p.add_argument("--out", required=True)
     u = sub.add_parser("unpack", help="turn a packed folder into float32 checkpoints")

@@ -503,6 +503,24 @@ def test_stage_models_round_trip(tmp_path, tiny_bert_dir):
         stage.main(["unpack", str(tmp_path / "data")])
 
 
+def test_stage_models_packs_a_gguf_given_by_folder_or_file(tmp_path):
+    """A folder holding one GGUF (no model.safetensors) and a path to a .gguf file both stage as
+    that GGUF, byte for byte; a folder with several GGUF files is refused, naming them."""
+    stage = load_script("stage_models")
+    folder = tmp_path / "qwen"
+    folder.mkdir()
+    payload = bytes(range(256)) * 8
+    (folder / "model-q8_0.gguf").write_bytes(payload)
+    (folder / "README.md").write_text("not a checkpoint file")
+    for source, out in ((folder, tmp_path / "s1"), (folder / "model-q8_0.gguf", tmp_path / "s2")):
+        manifest = stage.pack({"qwen": str(source)}, None, out)
+        assert manifest["models"] == {"qwen": {"kind": "gguf", "gguf_file": "model-q8_0.gguf"}}
+        assert (out / "qwen" / "model-q8_0.gguf").read_bytes() == payload
+    (folder / "other.gguf").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="several GGUF files.*model-q8_0.gguf, other.gguf"):
+        stage.pack({"qwen": str(folder)}, None, tmp_path / "s3")
+
+
 @pytest.mark.slow
 def test_stage_models_dequantizes_gguf(tmp_path):
     """The GGUF decoder comes back as a plain float32 checkpoint without quantization_config, whose
