@@ -85,6 +85,7 @@ class Cell:
     scores: dict[int, float] = field(default_factory=dict)
     adapter_params: list[float] = field(default_factory=list)
     step_s: list[float] = field(default_factory=list)
+    step_of: dict[int, float] = field(default_factory=dict)  # seed -> its run's step time (s); its file is sources[seed]
     peak_gib: list[float] = field(default_factory=list)
     sharing: list[float] = field(default_factory=list)  # per run: other runs on its GPU (its file's summary)
     sources: dict[int, str] = field(default_factory=dict)
@@ -191,6 +192,7 @@ def pool_results(paths: list[Path]) -> tuple[dict[tuple[str, str], Cell], list[d
                 cell.adapter_params.append(float(adapter))
             if run.get("step_s") is not None:
                 cell.step_s.append(float(run["step_s"]))
+                cell.step_of[seed] = float(run["step_s"])
             if run.get("peak_memory_gib") is not None:
                 cell.peak_gib.append(float(run["peak_memory_gib"]))
             shared = (((data.get("summary") or {}).get(case) or {}).get(method) or {}).get("gpu_sharing")
@@ -356,6 +358,16 @@ def same_waves(cell: Cell, reference: Cell) -> bool:
     return set(cell.sources.values()) <= set(reference.sources.values())
 
 
+def reference_step(cell: Cell, reference: Cell) -> float | None:
+    """The mean step time of ``reference``'s runs from ``cell``'s own result files (None if
+    there are none): the denominator of ``cell``'s step-time ratio, so that runs ``reference``
+    gained in later sessions (other machines, other neighbours) do not move a ratio measured
+    within one session."""
+    files = set(cell.sources.values())
+    steps = [step for seed, step in reference.step_of.items() if reference.sources.get(seed) in files]
+    return _mean(steps)
+
+
 def markdown(cells: dict[tuple[str, str], Cell], verdicts: list[dict[str, Any]], cases: list[str], command: str, left_out: list[dict[str, str]] = ()) -> str:
     lines = ["Issue 12's goal over the binding cases: test score in %, mean ± std over seeds, each method at its own validated learning rate.", ""]
     for case in cases:
@@ -366,19 +378,18 @@ def markdown(cells: dict[tuple[str, str], Cell], verdicts: list[dict[str, Any]],
             continue
         full = cells.get((case, REFERENCE))
         full_params = _mean(full.adapter_params) if full else None
-        full_step = _mean(full.step_s) if full else None
         lines += [f"| method | lr | seeds | test {here[0].metric} (%) | adapter params (x all-layer) | step (s, as the runs measured it) | other runs on the GPU | from |", "|---|---|---|---|---|---|---|---|"]
         for cell in sorted(here, key=lambda x: -x.mean):
             params, step = _mean(cell.adapter_params), _mean(cell.step_s)
             fraction = f"{params / full_params:.2f}" if params is not None and full_params else "—"
-            comparable = full is not None and full_step and same_waves(cell, full)
-            step_text = "—" if step is None else f"{step:.3f}" + (f" ({step / full_step:.2f}x)" if comparable else " ³")
+            full_step = reference_step(cell, full) if full is not None and same_waves(cell, full) else None
+            step_text = "—" if step is None else f"{step:.3f}" + (f" ({step / full_step:.2f}x)" if full_step else " ³")
             sources = ", ".join(Path(s).name for s in sorted(set(cell.sources.values())))
             lr = f"{cell.lr:g}" if cell.lr else "—"
             shared = "—" if not cell.sharing else f"{_mean(cell.sharing):.1f}"
             name = cell.method if cell.runs_of is None else f"{cell.method} (= {cell.runs_of}'s runs: the same flags)"
             lines.append(f"| {name} | {lr} | {len(cell.scores)} | {cell.mean:.1f} ± {cell.std:.1f} | {fraction} | {step_text} | {shared} | {sources} |")
-        lines += ["", "Step times are comparable only between runs that shared their GPU (or CPU) about as much: the ratio to all-layer is given only for runs from the same result files as all-layer's (³: other sessions, not comparable). The isolated cost is the 7B case's (`train_cost.py`).", ""]
+        lines += ["", "Step times are comparable only between runs that shared their GPU (or CPU) about as much: the ratio to all-layer is given only for runs from the same result files as all-layer's, and divides by all-layer's runs from those files alone (³: other sessions, not comparable). The isolated cost is the 7B case's (`train_cost.py`).", ""]
     lines += ["### Verdicts", "",
               f"Goal: Δ all-layer ≥ {-MAX_GAP_TO_ALL:+.1f}, Δ random-50 and Δ equal-budget ≥ +{MIN_GAIN_OVER_BASELINES:.1f} (points, mean over the cases), adapter parameters ≤ {MAX_PARAM_FRACTION}x in every case or 7B step ≤ {MAX_STEP_RATIO}x and peak ≤ {MAX_PEAK_RATIO}x; {SEEDS_NEEDED} seeds on each of {len(cases)} cases. Provisional (incomplete) rows average over the cases listed; **out of reach**: runs are missing, but the method misses even if every missing run scored 100%. ± the standard error of the mean difference over seeds (√(Σ_c s²_m,c/n_m,c + s²_b,c/n_b,c) / C); ≈: within 2 standard errors of its threshold, so more seeds could turn that criterion either way.", "",
               "| method | cases | Δ all-layer | Δ random-50 | Δ equal-budget | adapter params (max x) | 7B step / peak (x) | verdict |", "|---|---|---|---|---|---|---|---|"]
@@ -433,10 +444,10 @@ def plot(cells: dict[tuple[str, str], Cell], cases: list[str], path: Path) -> bo
         full = cells[(case, REFERENCE)]
         for row, (values_of, label) in enumerate(((lambda cell: cell.adapter_params, "adapter parameters (x all-layer)"), (lambda cell: cell.step_s, "step time (x all-layer)"))):
             ax = axes[row][column]
-            base = _mean(values_of(full))
             for method in methods:
                 cell = cells.get((case, method))
                 value = None if cell is None else _mean(values_of(cell))
+                base = _mean(values_of(full)) if row == 0 or cell is None else reference_step(cell, full)
                 if cell is None or value is None or not base or (row == 1 and not same_waves(cell, full)):
                     continue
                 hollow = {"mfc": "none", "markersize": 11} if cell.runs_of else {}  # a stand-in: the method it stands in for shows through

@@ -273,3 +273,22 @@ def test_the_recommended_preset_is_judged_on_the_runs_of_the_method_with_its_fla
     flags["equal-budget"] = ["--layers", "all", "--budget-from-ratio", "0.4"]
     assert goal.main(["--results", str(_write_with_flags(tmp_path / "q3.json", runs, flags)), "--out", str(tmp_path / "g3")]) == 0
     assert "recommended" not in _verdicts(tmp_path / "g3")
+
+
+def test_step_ratio_divides_by_all_layer_runs_from_the_same_files(tmp_path):
+    """all-layer's seeds 0-2 ran in one session (step 1.0 s), seeds 3-5 on another machine
+    (step 2.0 s); a method from the first session only is compared with the first session's
+    all-layer runs (0.8 / 1.0), not with the pooled mean (0.8 / 1.5); a method from the second
+    file alone has no comparable all-layer runs there... except all-layer's own, so 1.2 / 2.0."""
+    goal = load_script("goal")
+    case = "mpnet/nli_vitaminc"
+    first = _write(tmp_path / "a.json", [_run(case, "all-layer", s, 0.7, step=1.0) for s in (0, 1, 2)] + [_run(case, "cka-50", s, 0.6, adapter=500, step=0.8) for s in (0, 1, 2)])
+    second = _write(tmp_path / "b.json", [_run(case, "all-layer", s, 0.7, step=2.0) for s in (3, 4, 5)] + [_run(case, "random-50", s, 0.6, adapter=500, step=1.2) for s in (3, 4, 5)])
+    assert goal.main(["--results", str(first), str(second), "--out", str(tmp_path / "g")]) == 0
+    rows: dict[str, str] = {}
+    for line in (tmp_path / "g.md").read_text().splitlines():  # the case's table comes before the verdicts'
+        if line.startswith("| "):
+            rows.setdefault(line.split(" | ")[0].strip("| "), line)
+    assert "0.800 (0.80x)" in rows["cka-50"]
+    assert "1.200 (0.60x)" in rows["random-50"]
+    assert "1.500 (1.00x)" in rows["all-layer"]
