@@ -84,13 +84,17 @@ class Cell:
     lr: float | None
     scores: dict[int, float] = field(default_factory=dict)
     adapter_params: list[float] = field(default_factory=list)
-    step_s: list[float] = field(default_factory=list)
     step_of: dict[int, float] = field(default_factory=dict)  # seed -> its run's step time (s); its file is sources[seed]
     peak_gib: list[float] = field(default_factory=list)
     sharing: list[float] = field(default_factory=list)  # per run: other runs on its GPU (its file's summary)
     sources: dict[int, str] = field(default_factory=dict)
     flags: tuple[str, ...] | None = None  # its `lwlora train` flags, as its file records them (OUT.json "methods")
     runs_of: str | None = None  # the method whose runs these are, when they stand in for another's (add_recommended)
+
+    @property
+    def step_s(self) -> list[float]:
+        """Step times (s) of the runs that measured one, in pooling order."""
+        return list(self.step_of.values())
 
     @property
     def mean(self) -> float:
@@ -191,7 +195,6 @@ def pool_results(paths: list[Path]) -> tuple[dict[tuple[str, str], Cell], list[d
             if adapter is not None:
                 cell.adapter_params.append(float(adapter))
             if run.get("step_s") is not None:
-                cell.step_s.append(float(run["step_s"]))
                 cell.step_of[seed] = float(run["step_s"])
             if run.get("peak_memory_gib") is not None:
                 cell.peak_gib.append(float(run["peak_memory_gib"]))

@@ -278,8 +278,8 @@ def test_the_recommended_preset_is_judged_on_the_runs_of_the_method_with_its_fla
 def test_step_ratio_divides_by_all_layer_runs_from_the_same_files(tmp_path):
     """all-layer's seeds 0-2 ran in one session (step 1.0 s), seeds 3-5 on another machine
     (step 2.0 s); a method from the first session only is compared with the first session's
-    all-layer runs (0.8 / 1.0), not with the pooled mean (0.8 / 1.5); a method from the second
-    file alone has no comparable all-layer runs there... except all-layer's own, so 1.2 / 2.0."""
+    all-layer runs (0.8 / 1.0), not with the pooled mean (0.8 / 1.5); one from the second session
+    only, with the second session's (1.2 / 2.0); all-layer itself, pooled over both, stays 1.00x."""
     goal = load_script("goal")
     case = "mpnet/nli_vitaminc"
     first = _write(tmp_path / "a.json", [_run(case, "all-layer", s, 0.7, step=1.0) for s in (0, 1, 2)] + [_run(case, "cka-50", s, 0.6, adapter=500, step=0.8) for s in (0, 1, 2)])
