@@ -119,7 +119,7 @@ def run(case: Case) -> dict:
         losses.append(accelerator.reduce(step_loss, reduction="mean").item())
         accelerator.print(f"step {step}: loss {losses[-1]:.4f} ({step_times[-1]:.3f} s)")
     step_s = statistics.median(step_times[case.warmup :])
-    return {
+    result = {
         "case": asdict(case),
         "processes": world,
         "micro_batch": case.micro_batch,
@@ -130,7 +130,16 @@ def run(case: Case) -> dict:
         "tokens_per_s": case.global_batch * case.seq_len / step_s,
         "peak_memory_bytes": int(torch.cuda.max_memory_allocated()) if accelerator.device.type == "cuda" else None,
         "environment": environment(accelerator.device),
-    }, accelerator.is_main_process
+    }
+    main_process = accelerator.is_main_process
+    # every rank done, the DDP wrapper (its reducer holds gloo work) freed, then the process group
+    # ended, all before the interpreter exits: left to exit-time teardown, gloo's threads can outlive
+    # it and abort a rank ("terminate called without an active exception", exit -6)
+    accelerator.wait_for_everyone()
+    del model, optimizer
+    accelerator.free_memory()
+    accelerator.end_training()
+    return result, main_process
 
 
 def environment(device: torch.device) -> dict:
