@@ -1,8 +1,9 @@
 """Named training modes: ``--preset recommended`` (``lwlora train``, ``lwlora run``'s YAML).
 
 ``recommended`` is the half budget lwlora's own benchmark supports (docs/benchmarks.md, section
-3c: four cases where the budget binds, each method at its own validated learning rate, 3-9 seeds): **every block gets an adapter, at the rank whose adapter
-parameters equal those of floor(ratio × L) blocks at ``--r``** (``ratio`` 0.5 unless ``--ratio``
+3c: four cases where the budget binds, each method at its own validated learning rate, 3-9
+seeds): **every block gets an adapter, at the rank whose adapter parameters equal those of
+floor(ratio × L) blocks at ``--r``** (``ratio`` 0.5 unless ``--ratio``
 says otherwise). It is the same run as
 
     lwlora train MODEL --layers all --budget-from-ratio RATIO
