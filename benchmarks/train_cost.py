@@ -26,8 +26,16 @@ full fine-tuning, and the candidates of the selection-science issue:
   ``EVA_MAX_PASSES`` passes and the row records that error: on the 7B case this row needs real
   weights (the tiny cases converge).
 
-``prune`` (warm-up then prune) costs all-layer LoRA for the warm-up and the kept blocks'
-selection afterwards (on a real model, about ``cka50``'s cost). Ratios are to all-layer LoRA.
+- ``prune50``: warm-up then prune (``--layers all --prune-at …``): adapters on every block for the
+  untimed warm-up steps, then lwlora's ``prune_blocks`` removes half of them (adapters, optimizer
+  state, PEFT config) and the timed steps train the rest. A random model's adapter effects carry
+  no information, so the kept half is a stand-in: every other block from block 0 (on Qwen,
+  prune-rel-50 kept block 0 too, so the backward pass reaches the bottom). ``step_s`` is the
+  pruned phase's step; the peak includes the warm-up, i.e. all-layer LoRA's. A run that prunes at
+  share ``p`` of its steps averages ``p × all-layer's step + (1 − p) × step_s``
+  (``run_step_s_at_5pct`` for ``--prune-at 0.05``).
+
+Ratios are to all-layer LoRA.
 
     python benchmarks/train_cost.py --case llama7b --device cuda --out benchmarks/results/train-cost-gpu
     python benchmarks/train_cost.py --case roberta-base --device cuda --out benchmarks/results/train-cost-roberta-gpu
@@ -115,8 +123,18 @@ def selections(num_layers: int) -> dict[str, list[int] | None]:
         "units50": list(range(num_layers)),
         "dynamic50": list(range(num_layers)),
         "importance-ranks": list(range(num_layers)),
-        "eva-budget": list(range(num_layers)),
+        "prune50": list(range(num_layers)),  # adapted at first; PRUNE_KEEP's blocks after the warm-up
+        "eva-budget": list(range(num_layers)),  # last: a failed EVA initialisation ends the rows
     }
+
+
+def prune_keep(num_layers: int) -> list[int]:
+    """``prune50``'s kept blocks (a stand-in, see the module docstring): every other block from 0."""
+    return list(range(0, num_layers, 2))
+
+
+#: the warm-up share ``run_step_s_at_5pct`` assumes (``--prune-at 0.05``, the share benchmarked)
+PRUNE_AT = 0.05
 
 
 #: batches EVA's initialisation reads in the ``eva-budget`` row (lwlora train reads --num-samples
@@ -179,9 +197,11 @@ def block_adapters(model, stack_path: str, num_layers: int) -> list[list]:
     return blocks
 
 
-def time_steps(model, case: Case, device: str, vocab: int, switch=None) -> dict:
+def time_steps(model, case: Case, device: str, vocab: int, switch=None, prune=None) -> dict:
     """Median step time and peak memory; ``switch(step)`` (``dynamic50``) changes which adapters
-    train before each step (outside the timed region)."""
+    train before each step (outside the timed region); ``prune(optimizer)`` (``prune50``) runs
+    once after the warm-up steps, so the timed steps are the pruned model's and the peak memory
+    includes the warm-up's."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     g = torch.Generator().manual_seed(0)
@@ -195,6 +215,8 @@ def time_steps(model, case: Case, device: str, vocab: int, switch=None) -> dict:
     for step in range(case.warmup + case.steps):
         if switch is not None:
             switch(step)
+        if prune is not None and step == case.warmup:
+            prune(optimizer)
         started = time.perf_counter()
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
@@ -205,10 +227,12 @@ def time_steps(model, case: Case, device: str, vocab: int, switch=None) -> dict:
         if step >= case.warmup:
             times.append(time.perf_counter() - started)
     step_s = statistics.median(times)
+    # every adapter with optimizer state (dynamic50's inactive ones too); after a prune, the kept ones
+    counted = [p for p in model.parameters() if p.requires_grad] if prune is not None else params
     result = {
         "step_s": step_s,
         "tokens_per_s": case.batch_size * case.seq_len / step_s,
-        "trainable_params": sum(p.numel() for p in params),
+        "trainable_params": sum(p.numel() for p in counted),
         "peak_memory_bytes": int(torch.cuda.max_memory_allocated()) if device.startswith("cuda") else None,
     }
     del optimizer
@@ -274,10 +298,20 @@ def bench(case: Case, device: str, only: list[str] | None = None) -> list[dict]:
                             p.requires_grad_(i in active)
                             if i not in active:
                                 p.grad = None
-            measured = time_steps(peft_model, case, device, vocab, switch=switch)
+            prune = None
+            if name == "prune50":
+                from lwlora.training.prune import prune_blocks
+
+                def prune(optimizer, peft_model=peft_model, path=stack.path, keep=prune_keep(stack.num_layers)):
+                    prune_blocks(peft_model, path, keep, optimizer)
+
+            measured = time_steps(peft_model, case, device, vocab, switch=switch, prune=prune)
             model = peft_model.unload()
             stack = resolve_block_stack(model)
             lowest = min(selected) if name != "dynamic50" else "drawn"
+            if name == "prune50":
+                selected = prune_keep(stack.num_layers)
+                lowest = min(selected)
             if name == "eva-budget":
                 measured["init_s"] = init_s
             if name == "importance-ranks":
@@ -289,6 +323,8 @@ def bench(case: Case, device: str, only: list[str] | None = None) -> list[dict]:
         if "error" in row:
             continue
         row["step_time_ratio_to_all"] = row["step_s"] / base["step_s"]
+        if row["selection"] == "prune50":
+            row["run_step_s_at_5pct"] = PRUNE_AT * base["step_s"] + (1 - PRUNE_AT) * row["step_s"]
         if row["peak_memory_bytes"] and base["peak_memory_bytes"]:
             row["peak_memory_ratio_to_all"] = row["peak_memory_bytes"] / base["peak_memory_bytes"]
     return rows
@@ -309,6 +345,7 @@ def markdown(case: Case, rows: list[dict], env: dict) -> str:
         mem_ratio = f"{r['peak_memory_ratio_to_all']:.2f}" if "peak_memory_ratio_to_all" in r else "—"
         lines.append(f"| {r['selection']} | {r['lowest_adapted_block']} | {r['trainable_params']:,} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {mem} | {r['step_time_ratio_to_all']:.2f} | {mem_ratio} |")
     lines += [f"{r['selection']}: one-off initialisation {r['init_s']:.1f} s (EVA's SVD of the adapted layers' inputs, {EVA_BATCHES} batches)" for r in rows if "init_s" in r]
+    lines += [f"{r['selection']}: warm-up on every block (all-layer LoRA's step and peak), then blocks {r['blocks']} (a stand-in); its step is the pruned phase's; a run pruning at {PRUNE_AT:g} of its steps averages {r['run_step_s_at_5pct']:.3f} s a step" for r in rows if "run_step_s_at_5pct" in r]
     lines += ["", f"Command: `{env['command']}`"]
     return "\n".join(lines) + "\n"
 

@@ -87,7 +87,7 @@ def test_train_cost_benchmark_smoke(tmp_path):
     assert bench.main(["--case", "tiny", "--out", str(tmp_path / "cost")]) == 0
     rows = json.loads((tmp_path / "cost.json").read_text())["results"]
     by_name = {row["selection"]: row for row in rows}
-    assert set(by_name) == {"all", "cka50", "last50", "first50", "full", "equal-budget", "units50", "dynamic50", "importance-ranks", "eva-budget"}
+    assert set(by_name) == {"all", "cka50", "last50", "first50", "full", "equal-budget", "units50", "dynamic50", "importance-ranks", "prune50", "eva-budget"}
     # importance ranks: equal-budget's total rank (2 per block), rising with depth, so the same parameters
     ranks = by_name["importance-ranks"]["block_ranks"]
     assert sum(ranks) == 2 * len(ranks) and ranks == sorted(ranks) and ranks[0] < ranks[-1]
@@ -100,6 +100,12 @@ def test_train_cost_benchmark_smoke(tmp_path):
     assert 0 < by_name["units50"]["trainable_params"] <= by_name["all"]["trainable_params"] / 2
     assert by_name["dynamic50"]["trainable_params"] == by_name["all"]["trainable_params"]  # every block has an adapter (and state)
     assert by_name["last50"]["lowest_adapted_block"] == 4 and by_name["full"]["trainable_params"] > by_name["all"]["trainable_params"]
+    # warm-up then prune: the timed steps train only the kept half (every other block from 0), and
+    # a run pruning at 5% of its steps averages 5% of all-layer's step and 95% of the pruned one
+    prune = by_name["prune50"]
+    assert prune["blocks"] == [0, 2, 4, 6] and prune["lowest_adapted_block"] == 0
+    assert prune["trainable_params"] * 2 == by_name["all"]["trainable_params"]
+    assert prune["run_step_s_at_5pct"] == pytest.approx(0.05 * by_name["all"]["step_s"] + 0.95 * prune["step_s"])
 
 
 def test_train_cost_keeps_the_measured_rows_when_eva_fails(tmp_path, monkeypatch):
