@@ -123,7 +123,7 @@ def selections(num_layers: int) -> dict[str, list[int] | None]:
         "units50": list(range(num_layers)),
         "dynamic50": list(range(num_layers)),
         "importance-ranks": list(range(num_layers)),
-        "prune50": list(range(num_layers)),  # adapted at first; PRUNE_KEEP's blocks after the warm-up
+        "prune50": list(range(num_layers)),  # adapted at first; prune_keep's blocks after the warm-up
         "eva-budget": list(range(num_layers)),  # last: a failed EVA initialisation ends the rows
     }
 
@@ -302,16 +302,15 @@ def bench(case: Case, device: str, only: list[str] | None = None) -> list[dict]:
             if name == "prune50":
                 from lwlora.training.prune import prune_blocks
 
-                def prune(optimizer, peft_model=peft_model, path=stack.path, keep=prune_keep(stack.num_layers)):
+                selected = prune_keep(stack.num_layers)  # the row reports the blocks that train after the prune
+
+                def prune(optimizer, peft_model=peft_model, path=stack.path, keep=selected):
                     prune_blocks(peft_model, path, keep, optimizer)
 
             measured = time_steps(peft_model, case, device, vocab, switch=switch, prune=prune)
             model = peft_model.unload()
             stack = resolve_block_stack(model)
             lowest = min(selected) if name != "dynamic50" else "drawn"
-            if name == "prune50":
-                selected = prune_keep(stack.num_layers)
-                lowest = min(selected)
             if name == "eva-budget":
                 measured["init_s"] = init_s
             if name == "importance-ranks":
