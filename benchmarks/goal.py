@@ -28,6 +28,8 @@ three baselines; until then its numbers are shown as provisional, over the cases
 Every Δ comes with its standard error over seeds (:func:`standard_error`); a criterion within 2
 of them of its threshold is listed in ``within_noise`` (≈ in the table): more seeds could turn it.
 A search widened in a later file replaces the final runs made at its old rate (:func:`superseded`).
+``--cost`` takes several train_cost.py files (:func:`read_cost`); a warm-up-then-prune method's
+7B step is its whole run's mean (:func:`whole_run_step`).
 
 The mode lwlora ships, ``--preset recommended`` (``lwlora.training.modes``), is judged as the
 method ``recommended``: on its own runs where a file has them, else on the runs of the method
@@ -64,7 +66,10 @@ MAX_STEP_RATIO = 0.75  # on the 7B cost case
 MAX_PEAK_RATIO = 0.8
 MIN_GAIN_OVER_BASELINES = 1.0  # points
 #: quality.py's method -> train_cost.py's row of the 7B case (methods without a row have none)
-COST_ROWS = {"all-layer": "all", "cka-50": "cka50", "equal-budget": "equal-budget", "units-50": "units50", "dynamic-50": "dynamic50", "importance-ranks": "importance-ranks", "eva-budget": "eva-budget"}
+COST_ROWS = {"all-layer": "all", "cka-50": "cka50", "equal-budget": "equal-budget", "units-50": "units50", "dynamic-50": "dynamic50", "importance-ranks": "importance-ranks", "eva-budget": "eva-budget",
+             "prune-50": "prune50", "prune-rel-50": "prune50", "prune-rel-50-late": "prune50"}
+#: train_cost.py's rows whose step is a pruned phase's (a run's mean step also has the warm-up: :func:`whole_run_step`)
+PRUNED_ROWS = ("prune50",)
 
 
 class InputError(Exception):
@@ -220,18 +225,44 @@ def add_recommended(cells: dict[tuple[str, str], Cell]) -> dict[tuple[str, str],
     return added
 
 
-def read_cost(path: Path | None) -> dict[str, dict[str, float]]:
-    """The 7B cost case's ratios to all-layer LoRA: quality.py method -> {"step": ..., "peak": ...}."""
-    if path is None:
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise InputError("--cost", f"cannot read {path}: {error}") from None
-    if not isinstance(data, dict) or (data.get("case") or {}).get("name") != "llama7b":
-        raise InputError("--cost", f"{path} is not train_cost.py's llama7b case (run: python benchmarks/train_cost.py --case llama7b --device cuda)")
-    rows = {row["selection"]: row for row in data.get("results", [])}
-    return {method: {"step": rows[row]["step_time_ratio_to_all"], "peak": rows[row]["peak_memory_ratio_to_all"]} for method, row in COST_ROWS.items() if row in rows}
+def read_cost(paths: list[Path] | None) -> dict[str, dict[str, float]]:
+    """The 7B cost case's ratios to all-layer LoRA: quality.py method -> {"step": ..., "peak": ...},
+    from one or more train_cost.py ``--case llama7b`` files (each row's ratios divide by its own
+    file's all-layer row); a row found in several files is taken from the first. A pruned row
+    (``PRUNED_ROWS``) also gives "pruned_step", its pruned phase's ratio; its "step" is that phase's
+    until :func:`whole_run_step` knows the method's warm-up share."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in paths or []:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise InputError("--cost", f"cannot read {path}: {error}") from None
+        if not isinstance(data, dict) or (data.get("case") or {}).get("name") != "llama7b":
+            raise InputError("--cost", f"{path} is not train_cost.py's llama7b case (run: python benchmarks/train_cost.py --case llama7b --device cuda)")
+        for row in data.get("results", []):
+            rows.setdefault(row["selection"], row)
+    cost = {}
+    for method, name in COST_ROWS.items():
+        if name in rows:
+            cost[method] = {"step": rows[name]["step_time_ratio_to_all"], "peak": rows[name]["peak_memory_ratio_to_all"]}
+            if name in PRUNED_ROWS:
+                cost[method]["pruned_step"] = rows[name]["step_time_ratio_to_all"]
+    return cost
+
+
+def whole_run_step(pruned_step: float, warmup_share: float) -> float:
+    """A warm-up-then-prune run's mean step as a multiple of all-layer LoRA's: its first
+    ``warmup_share`` of the steps train every block (ratio 1), the rest the pruned model,
+    s̄ = p·1 + (1 − p)·s_pruned (``--prune-at p``)."""
+    return warmup_share + (1.0 - warmup_share) * pruned_step
+
+
+def prune_share(flags: tuple[str, ...] | None) -> float | None:
+    """The ``--prune-at`` share in a run's recorded ``lwlora train`` flags (None without one)."""
+    flags = tuple(flags or ())
+    if "--prune-at" in flags[:-1]:
+        return float(flags[flags.index("--prune-at") + 1])
+    return None
 
 
 def _filled_means(method: str, cells: dict[tuple[str, str], Cell], cases: list[str], fill: float) -> dict[str, float] | None:
@@ -402,7 +433,7 @@ def markdown(cells: dict[tuple[str, str], Cell], verdicts: list[dict[str, Any]],
                 return "—"
             error = v["standard_error"].get(name)
             return f"{x:+.1f}" + ("" if error is None else f" ± {error:.1f}") + (" ≈" if name in v["within_noise"] else "")
-        cost = "—" if not v["cost_7b"] else f"{v['cost_7b']['step']:.2f} / {v['cost_7b']['peak']:.2f}"
+        cost = "—" if not v["cost_7b"] else f"{v['cost_7b']['step']:.2f} / {v['cost_7b']['peak']:.2f}" + (" ⁴" if "prune_at" in v["cost_7b"] else "")
         fraction = "—" if v["param_fraction_max"] is None else f"{v['param_fraction_max']:.2f}"
         short = f"{len(v['missing'])} {'cell' if len(v['missing']) == 1 else 'cells'} short"
         if v["verdict"] == "misses":
@@ -416,6 +447,10 @@ def markdown(cells: dict[tuple[str, str], Cell], verdicts: list[dict[str, Any]],
         else:
             why = ""
         lines.append(f"| {v['method']} | {len(v['cases'])} of {len(cases)} | {pts(v['gap_to_all_layer'], REFERENCE)} | {pts(v['gain_over']['random-50'], 'random-50')} | {pts(v['gain_over']['equal-budget'], 'equal-budget')} | {fraction} | {cost} | **{v['verdict']}**{': ' + why if why else ''} |")
+    pruned = sorted({(v["method"], v["cost_7b"]["prune_at"], v["cost_7b"]["pruned_step"]) for v in verdicts if v["cost_7b"] and "prune_at" in v["cost_7b"]})
+    if pruned:
+        lines += ["", "⁴ Warm-up then prune: every block trains for the first share p of the steps (all-layer LoRA's step and peak), then half of them; the step is the run's mean, p + (1 − p)·(pruned step): "
+                  + "; ".join(f"{m} p = {p:g}, pruned step {s:.2f}x" for m, p, s in pruned) + "."]
     if left_out:
         lines += ["", "Left out, because a later search continued theirs and chose another rate (its final runs count instead):", ""]
         lines += [f"- {x['case']} {x['method']}: the final runs of {Path(x['file']).name} (searched on in {Path(x['by']).name})" for x in left_out]
@@ -474,7 +509,7 @@ def plot(cells: dict[tuple[str, str], Cell], cases: list[str], path: Path) -> bo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", nargs="+", required=True, type=Path, help="quality.py OUT.json files (--protocol tuned)")
-    parser.add_argument("--cost", type=Path, help="train_cost.py's llama7b OUT.json (the step-time and memory criterion)")
+    parser.add_argument("--cost", nargs="+", type=Path, help="train_cost.py's llama7b OUT.json files (the step-time and memory criterion; a row in several is taken from the first)")
     parser.add_argument("--cases", default=",".join(BINDING_CASES), help=f"comma-separated cases to judge over (default: {','.join(BINDING_CASES)})")
     parser.add_argument("--out", required=True, type=Path, help="writes OUT.json, OUT.md, OUT.png")
     args = parser.parse_args(argv)
@@ -485,6 +520,11 @@ def main(argv: list[str] | None = None) -> int:
         cells, left_out = pool_results(args.results)
         cells = add_recommended(cells)
         cost = read_cost(args.cost)
+        for cell in cells.values():  # a pruned row's step becomes the run's mean at the method's own --prune-at
+            share = prune_share(cell.flags)
+            if cell.method in cost and "pruned_step" in cost[cell.method] and share is not None:
+                cost[cell.method]["step"] = whole_run_step(cost[cell.method]["pruned_step"], share)
+                cost[cell.method]["prune_at"] = share
         for cell in cells.values():  # a stand-in costs what the runs it stands in for cost
             if cell.runs_of in cost:
                 cost.setdefault(cell.method, cost[cell.runs_of])

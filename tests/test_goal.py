@@ -292,3 +292,26 @@ def test_step_ratio_divides_by_all_layer_runs_from_the_same_files(tmp_path):
     assert "0.800 (0.80x)" in rows["cka-50"]
     assert "1.200 (0.60x)" in rows["random-50"]
     assert "1.500 (1.00x)" in rows["all-layer"]
+
+
+def test_cost_rows_pool_several_files_and_a_pruned_run_costs_its_warm_up_too(tmp_path):
+    """``--cost`` reads several train_cost.py files (a row in two is taken from the first); a
+    warm-up-then-prune method's 7B step is its run's mean at its own ``--prune-at`` p,
+    p·1 + (1 − p)·(pruned step), and its peak is the warm-up's (all-layer's)."""
+    goal = load_script("goal")
+    runs, _ = _grid(np.random.default_rng(5), {"all-layer": 0.0, "random-50": -0.03, "equal-budget": -0.01, "prune-rel-50": -0.01, "prune-rel-50-late": -0.02})
+    flags = {"prune-rel-50": ["--layers", "all", "--prune-at", "0.05", "--ratio", "0.5"], "prune-rel-50-late": ["--layers", "all", "--prune-at", "0.2", "--ratio", "0.5"]}
+    results = _write_with_flags(tmp_path / "q.json", runs, flags)
+    first = _cost(tmp_path / "cost.json", {"all": (1.0, 1.0), "equal-budget": (0.86, 0.94)})
+    second = _cost(tmp_path / "cost-prune.json", {"all": (1.0, 1.0), "equal-budget": (0.5, 0.5), "prune50": (0.6, 1.0)})
+    assert goal.main(["--results", str(results), "--cost", str(first), str(second), "--out", str(tmp_path / "g")]) == 0
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert data["cost_7b"]["equal-budget"] == {"step": 0.86, "peak": 0.94}  # the first file's row
+    verdicts = _verdicts(tmp_path / "g")
+    assert verdicts["prune-rel-50"]["cost_7b"]["step"] == pytest.approx(0.05 + 0.95 * 0.6, abs=1e-12)
+    assert verdicts["prune-rel-50-late"]["cost_7b"]["step"] == pytest.approx(0.2 + 0.8 * 0.6, abs=1e-12)
+    assert verdicts["prune-rel-50-late"]["cost_7b"]["peak"] == 1.0 and verdicts["prune-rel-50-late"]["cost_7b"]["pruned_step"] == 0.6
+    report = (tmp_path / "g.md").read_text()
+    assert "0.62 / 1.00 ⁴" in report and "prune-rel-50-late p = 0.2, pruned step 0.60x" in report
+    assert goal.whole_run_step(0.6, 0.0) == 0.6 and goal.whole_run_step(0.6, 1.0) == 1.0
+    assert goal.prune_share(("--layers", "all")) is None and goal.prune_share(None) is None
