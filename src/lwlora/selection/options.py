@@ -173,7 +173,7 @@ class SelectOptions:
     auto: bool = option(False, "choose as many blocks as the point of the sorted importance curve farthest from its chord says")
     prefer_shallow: float | None = option(None, "prefer a deeper lowest adapted block (a cheaper backward) at up to this share of lost total importance")
     granularity: Granularity = option("block", "block: score whole blocks; sublayer: score each block's attention and MLP halves apart and fill --ratio / --param-budget (default 0.5) of all-layer LoRA's parameters with the most important")
-    preset: Preset | None = option(None, "paper: reproduce the reference scripts (encoders never choose block 0; ties to the higher index); recommended (train, run): every block at the rank whose parameters equal --ratio (0.5) of the blocks, level with the best half budget lwlora measured (docs/benchmarks.md 3c)")
+    preset: Preset | None = option(None, "paper: reproduce the reference scripts (encoders never choose block 0; ties to the higher index); recommended (train, run): every block at the rank whose parameters equal --ratio (0.5) of the blocks, the half budget closest to all-layer LoRA that lwlora measured (docs/benchmarks.md 3c)")
     # how the measurement is made
     num_samples: int = option(128, "samples the blocks are scored on (drawn with --seed; 128 as in the paper)")
     pooling: Pooling | None = option(None, "one vector per sample: cls (first real token), last (last real token), mean; default cls for encoders, last for decoders")
