@@ -309,19 +309,32 @@ def needed_mean(method: str, cells: dict[tuple[str, str], Cell], cases: list[str
 
 
 def standard_error(method: str, other: str, cells: dict[tuple[str, str], Cell], cases: list[str]) -> float | None:
-    """The standard error of mean_c (q̄_m,c − q̄_o,c), the seeds of every cell independent:
-    SE = √(Σ_c (s²_m,c / n_m,c + s²_o,c / n_o,c)) / C, with s² the sample variance over a cell's
-    seeds (ddof 1) and C the number of cases; a case where the method's runs are ``other``'s
-    (``Cell.runs_of``) adds nothing. None where a cell has fewer than 2 seeds."""
+    """The standard error of mean_c (q̄_m,c − q̄_o,c). Runs with the same seed share their data order
+    and initialisation (common random numbers), so two methods' cell means co-vary through their
+    shared seeds:
+
+        SE = √(Σ_c v_c) / C,   v_c = s²_m,c / n_m,c + s²_o,c / n_o,c − 2 · k_c · s_mo,c / (n_m,c · n_o,c)
+
+    with s² the sample variance over a cell's seeds (ddof 1), k_c the number of seeds both cells
+    have, s_mo,c the sample covariance of their scores over those k_c seeds (ddof 1; 0 when
+    k_c < 2) and C the number of cases. With the same seeds in both cells v_c is the paired
+    var(q_m − q_o) / n; with none shared, the independent seeds' sum. A v_c estimated below 0
+    (possible only when few seeds are shared) falls back to the independent term. A case where the
+    method's runs are ``other``'s (``Cell.runs_of``) adds nothing. None where a cell has fewer
+    than 2 seeds."""
     total = 0.0
     for case in cases:
         if cells[(case, method)].runs_of == other:  # the same runs: the difference is exactly 0
             continue
-        for name in (method, other):
-            scores = list(cells[(case, name)].scores.values())
-            if len(scores) < 2:
-                return None
-            total += statistics.variance(scores) / len(scores)
+        mine, theirs = cells[(case, method)].scores, cells[(case, other)].scores
+        if len(mine) < 2 or len(theirs) < 2:
+            return None
+        independent = statistics.variance(mine.values()) / len(mine) + statistics.variance(theirs.values()) / len(theirs)
+        shared = sorted(set(mine) & set(theirs))
+        together = 0.0
+        if len(shared) >= 2:
+            together = 2 * len(shared) * statistics.covariance([mine[k] for k in shared], [theirs[k] for k in shared]) / (len(mine) * len(theirs))
+        total += independent - together if independent - together >= 0 else independent
     return total ** 0.5 / len(cases)
 
 
@@ -425,7 +438,7 @@ def markdown(cells: dict[tuple[str, str], Cell], verdicts: list[dict[str, Any]],
             lines.append(f"| {name} | {lr} | {len(cell.scores)} | {cell.mean:.1f} ± {cell.std:.1f} | {fraction} | {step_text} | {shared} | {sources} |")
         lines += ["", "Step times are comparable only between runs that shared their GPU (or CPU) about as much: the ratio to all-layer is given only for runs from the same result files as all-layer's, and divides by all-layer's runs from those files alone (³: other sessions, not comparable). The isolated cost is the 7B case's (`train_cost.py`).", ""]
     lines += ["### Verdicts", "",
-              f"Goal: Δ all-layer ≥ {-MAX_GAP_TO_ALL:+.1f}, Δ random-50 and Δ equal-budget ≥ +{MIN_GAIN_OVER_BASELINES:.1f} (points, mean over the cases), adapter parameters ≤ {MAX_PARAM_FRACTION}x in every case or 7B step ≤ {MAX_STEP_RATIO}x and peak ≤ {MAX_PEAK_RATIO}x; {SEEDS_NEEDED} seeds on each of {len(cases)} cases. Provisional (incomplete) rows average over the cases listed; **out of reach**: runs are missing, but the method misses even if every missing run scored 100%. ± the standard error of the mean difference over seeds (√(Σ_c s²_m,c/n_m,c + s²_b,c/n_b,c) / C); ≈: within 2 standard errors of its threshold, so more seeds could turn that criterion either way.", "",
+              f"Goal: Δ all-layer ≥ {-MAX_GAP_TO_ALL:+.1f}, Δ random-50 and Δ equal-budget ≥ +{MIN_GAIN_OVER_BASELINES:.1f} (points, mean over the cases), adapter parameters ≤ {MAX_PARAM_FRACTION}x in every case or 7B step ≤ {MAX_STEP_RATIO}x and peak ≤ {MAX_PEAK_RATIO}x; {SEEDS_NEEDED} seeds on each of {len(cases)} cases. Provisional (incomplete) rows average over the cases listed; **out of reach**: runs are missing, but the method misses even if every missing run scored 100%. ± the standard error of the mean difference over seeds, a seed's runs paired (√(Σ_c s²_m,c/n_m,c + s²_b,c/n_b,c − 2·k_c·s_mb,c/(n_m,c·n_b,c)) / C, k_c the seeds both cells have, s_mb,c their scores' covariance); ≈: within 2 standard errors of its threshold, so more seeds could turn that criterion either way.", "",
               "| method | cases | Δ all-layer | Δ random-50 | Δ equal-budget | adapter params (max x) | 7B step / peak (x) | verdict |", "|---|---|---|---|---|---|---|---|"]
     for v in verdicts:
         def pts(x, name):

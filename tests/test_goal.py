@@ -196,9 +196,10 @@ def test_a_search_continued_later_replaces_the_final_runs_at_its_old_rate(tmp_pa
 
 
 def test_standard_errors_of_the_gaps_match_a_float64_reference_and_flag_what_seeds_cannot_resolve(tmp_path):
-    """SE of mean_c (q̄_m,c − q̄_b,c) = √(Σ_c var_m,c/n_m,c + var_b,c/n_b,c) / C (sample variances),
-    checked against numpy float64 on unequal seed counts; a criterion within 2 SE of its threshold is
-    flagged, one far from it is not, and the table prints both."""
+    """SE of mean_c (q̄_m,c − q̄_b,c) = √(Σ_c var_m,c/n_m,c + var_b,c/n_b,c − 2·k_c·cov_mb,c/(n_m,c·n_b,c)) / C
+    (sample variances, the covariance over the k_c shared seeds), checked against numpy float64 on
+    unequal, partly shared seed sets; a criterion within 2 SE of its threshold is flagged, one far
+    from it is not, and the table prints both."""
     goal = load_script("goal")
     rng = np.random.default_rng(11)
     runs, scores = [], {}
@@ -209,7 +210,13 @@ def test_standard_errors_of_the_gaps_match_a_float64_reference_and_flag_what_see
             runs += [_run(case, method, s, float(v)) for s, v in enumerate(values)]
     cells, _ = goal.pool_results([_write(tmp_path / "q.json", runs)])
     for other in ("all-layer", "random-50", "equal-budget"):
-        variance = sum(scores[(c, m)].var(ddof=1) / scores[(c, m)].size for c in CASES for m in ("close", other))
+        variance = 0.0
+        for c in CASES:
+            mine, theirs = scores[(c, "close")], scores[(c, other)]
+            k = min(mine.size, theirs.size)  # seeds 0..k-1 are in both
+            together = 2 * k * np.cov(mine[:k], theirs[:k], ddof=1)[0, 1] / (mine.size * theirs.size)
+            independent = mine.var(ddof=1) / mine.size + theirs.var(ddof=1) / theirs.size
+            variance += independent - together if independent >= together else independent
         assert goal.standard_error("close", other, cells, list(CASES)) == pytest.approx(np.sqrt(variance) / len(CASES), rel=1e-12)
     verdict = goal.judge("close", cells, list(CASES), {})
     gap, se = verdict["gap_to_all_layer"], verdict["standard_error"]["all-layer"]
@@ -315,3 +322,37 @@ def test_cost_rows_pool_several_files_and_a_pruned_run_costs_its_warm_up_too(tmp
     assert "0.62 / 1.00 ⁴" in report and "prune-rel-50-late p = 0.2, pruned step 0.60x" in report
     assert goal.whole_run_step(0.6, 0.0) == 0.6 and goal.whole_run_step(0.6, 1.0) == 1.0
     assert goal.prune_share(("--layers", "all")) is None and goal.prune_share(None) is None
+
+
+def test_shared_seeds_pair_the_runs_in_the_standard_error(tmp_path):
+    """Runs of one seed share their data order: with the same seeds in both cells the SE is the
+    paired one, sd(q_m − q_o)/√n per case, so a method that moves with the baseline seed by seed is
+    resolved where independent seeds would not be; with disjoint seeds it is the independent one;
+    anti-correlated seeds widen it."""
+    goal = load_script("goal")
+    rng = np.random.default_rng(21)
+    case = CASES[1]
+    shared = rng.normal(0, 0.03, 6)  # a seed's common luck
+    base = 0.6 + shared + rng.normal(0, 0.002, 6)
+    close = 0.59 + shared + rng.normal(0, 0.002, 6)
+    runs = [_run(case, "all-layer", s, float(v)) for s, v in enumerate(base)] + [_run(case, "close", s, float(v)) for s, v in enumerate(close)]
+    cells, _ = goal.pool_results([_write(tmp_path / "paired.json", runs)])
+    diff = (np.asarray(close, dtype=np.float64) - np.asarray(base, dtype=np.float64)) * 100
+    paired = goal.standard_error("close", "all-layer", cells, [case])
+    assert paired == pytest.approx(diff.std(ddof=1) / np.sqrt(diff.size), rel=1e-9)
+    independent = np.sqrt((base * 100).var(ddof=1) / 6 + (close * 100).var(ddof=1) / 6)
+    assert paired < independent / 5
+    # disjoint seeds: nothing to pair
+    apart = [_run(case, "all-layer", s, float(v)) for s, v in enumerate(base)] + [_run(case, "close", s + 10, float(v)) for s, v in enumerate(close)]
+    cells, _ = goal.pool_results([_write(tmp_path / "apart.json", apart)])
+    assert goal.standard_error("close", "all-layer", cells, [case]) == pytest.approx(independent, rel=1e-9)
+    # anti-correlated seeds: wider than independent
+    against = [_run(case, "all-layer", s, float(v)) for s, v in enumerate(base)] + [_run(case, "close", s, float(1.2 - v)) for s, v in enumerate(base)]
+    cells, _ = goal.pool_results([_write(tmp_path / "against.json", against)])
+    assert goal.standard_error("close", "all-layer", cells, [case]) > independent
+    # an estimate below 0 (two shared seeds far apart, the rest alike) falls back to the independent term
+    values = [0.0, 0.1] + [0.05] * 8
+    few = [_run(case, "all-layer", s, v) for s, v in enumerate(values)] + [_run(case, "close", s if s < 2 else s + 10, v) for s, v in enumerate(values)]
+    cells, _ = goal.pool_results([_write(tmp_path / "few.json", few)])
+    spread = np.asarray(values, dtype=np.float64) * 100
+    assert goal.standard_error("close", "all-layer", cells, [case]) == pytest.approx(np.sqrt(2 * spread.var(ddof=1) / spread.size), rel=1e-9)

@@ -11,7 +11,7 @@ says otherwise). It is the same run as
 and is expanded into exactly those fields before the config is checked, so ``train_config.json``
 records what ran. At half of all-layer LoRA's parameters it lost the least quality of every half
 budget measured (2.2 +/- 0.6 points below all-layer LoRA on average; the next two, EVA's ranks and
-warm-up-then-prune, 0.4 +/- 0.8 and 0.8 +/- 0.7 points more, about one standard error; the paper's
+warm-up-then-prune, 0.4 +/- 0.6 and 0.8 +/- 0.7 points more, about one standard error; the paper's
 CKA half 2.0 more), so the mode chooses no blocks; it does not reach the benchmark's goal (within
 0.5 points of all-layer LoRA on average). The numbers, and the command that judges them
 (``benchmarks/goal.py``), are in docs/benchmarks.md.
