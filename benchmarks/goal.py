@@ -225,12 +225,13 @@ def add_recommended(cells: dict[tuple[str, str], Cell]) -> dict[tuple[str, str],
     return added
 
 
-def read_cost(paths: list[Path] | None) -> dict[str, dict[str, float]]:
+def read_cost(paths: list[Path] | None, prune_at: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
     """The 7B cost case's ratios to all-layer LoRA: quality.py method -> {"step": ..., "peak": ...},
     from one or more train_cost.py ``--case llama7b`` files (each row's ratios divide by its own
     file's all-layer row); a row found in several files is taken from the first. A pruned row
-    (``PRUNED_ROWS``) also gives "pruned_step", its pruned phase's ratio; its "step" is that phase's
-    until :func:`whole_run_step` knows the method's warm-up share."""
+    (``PRUNED_ROWS``) also gives "pruned_step", its pruned phase's ratio; where ``prune_at`` has the
+    method's warm-up share (its ``--prune-at``, :func:`prune_shares`), "step" is the whole run's mean
+    (:func:`whole_run_step`) and "prune_at" that share, else the pruned phase's."""
     rows: dict[str, dict[str, Any]] = {}
     for path in paths or []:
         try:
@@ -247,6 +248,9 @@ def read_cost(paths: list[Path] | None) -> dict[str, dict[str, float]]:
             cost[method] = {"step": rows[name]["step_time_ratio_to_all"], "peak": rows[name]["peak_memory_ratio_to_all"]}
             if name in PRUNED_ROWS:
                 cost[method]["pruned_step"] = rows[name]["step_time_ratio_to_all"]
+                if method in (prune_at or {}):
+                    cost[method]["step"] = whole_run_step(cost[method]["pruned_step"], prune_at[method])
+                    cost[method]["prune_at"] = prune_at[method]
     return cost
 
 
@@ -263,6 +267,11 @@ def prune_share(flags: tuple[str, ...] | None) -> float | None:
     if "--prune-at" in flags[:-1]:
         return float(flags[flags.index("--prune-at") + 1])
     return None
+
+
+def prune_shares(cells: dict[tuple[str, str], Cell]) -> dict[str, float]:
+    """method -> its ``--prune-at`` share, for the methods whose recorded flags have one."""
+    return {cell.method: share for cell in cells.values() if (share := prune_share(cell.flags)) is not None}
 
 
 def _filled_means(method: str, cells: dict[tuple[str, str], Cell], cases: list[str], fill: float) -> dict[str, float] | None:
@@ -532,12 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("--cases", "give at least one case, e.g. " + BINDING_CASES[0])
         cells, left_out = pool_results(args.results)
         cells = add_recommended(cells)
-        cost = read_cost(args.cost)
-        for cell in cells.values():  # a pruned row's step becomes the run's mean at the method's own --prune-at
-            share = prune_share(cell.flags)
-            if cell.method in cost and "pruned_step" in cost[cell.method] and share is not None:
-                cost[cell.method]["step"] = whole_run_step(cost[cell.method]["pruned_step"], share)
-                cost[cell.method]["prune_at"] = share
+        cost = read_cost(args.cost, prune_shares(cells))
         for cell in cells.values():  # a stand-in costs what the runs it stands in for cost
             if cell.runs_of in cost:
                 cost.setdefault(cell.method, cost[cell.runs_of])
